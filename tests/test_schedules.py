@@ -1,0 +1,139 @@
+"""Warmup schedules and Goyal's recipe against NumPy references of the paper's formulas."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_largebatch import schedules
+from tf_largebatch.schedules import ConstantWarmup, LinearWarmup, goyal_schedule
+
+
+def goyal_reference(
+    step,
+    eta,
+    k,
+    spe,
+    warmup_epochs=5,
+    warmup="gradual",
+    decays=(30, 60, 80),
+    factor=0.1,
+    start=None,
+):
+    """NumPy transcription of Goyal et al. §2.1–2.2."""
+    start = eta if start is None else start
+    peak = eta * k
+    w = warmup_epochs * spe
+    if warmup == "gradual" and step < w:
+        return start + (peak - start) * step / w
+    if warmup == "constant" and step < w:
+        return start
+    return peak * factor ** np.sum(step >= np.array(decays) * spe)
+
+
+SPE = 100  # steps per epoch (kn = 8192 on a 819,200-image data set)
+
+
+def boundaries(spe=SPE):
+    return [b * spe for b in (5, 30, 60, 80)]
+
+
+@pytest.mark.parametrize("warmup", ["gradual", "constant", "none"])
+def test_goyal_schedule_matches_reference_around_every_boundary(warmup):
+    s = goyal_schedule(0.1, 8192, SPE, warmup=warmup)
+    for b in boundaries():
+        for step in (b - 1, b, b + 1):
+            expected = goyal_reference(
+                step, 0.1, 32, SPE, warmup=warmup if warmup != "none" else ""
+            )
+            assert float(s(step)) == pytest.approx(expected, rel=1e-6), (warmup, step)
+
+
+def test_goyal_imagenet_numbers():
+    s = goyal_schedule(0.1, 8192, SPE)
+    got = [float(s(e * SPE)) for e in (0, 5, 30, 60, 80)]
+    np.testing.assert_allclose(got, [0.1, 3.2, 0.32, 0.032, 0.0032], rtol=1e-6)
+
+
+def test_goyal_warmup_from_zero_and_sqrt_rule():
+    s = goyal_schedule(0.1, 8192, SPE, warmup_initial_learning_rate=0.0, scaling_rule="sqrt")
+    peak = 0.1 * np.sqrt(32)
+    assert float(s(0)) == 0.0
+    assert float(s(250)) == pytest.approx(peak / 2, rel=1e-6)
+    assert float(s(500)) == pytest.approx(peak, rel=1e-6)
+
+
+@pytest.mark.parametrize("w", [1, 7, 100])
+def test_linear_warmup_replaces_not_shifts(w):
+    inner = keras.optimizers.schedules.CosineDecay(1.0, decay_steps=200)
+    s = LinearWarmup(inner, warmup_steps=w, initial_learning_rate=0.05)
+    target = float(inner(w))
+    for step in range(0, w):
+        assert float(s(step)) == pytest.approx(0.05 + (target - 0.05) * step / w, rel=1e-6)
+    for step in (w, w + 1, 150):
+        assert float(s(step)) == pytest.approx(float(inner(step)), rel=1e-6)
+
+
+def test_constant_warmup_boundary():
+    s = ConstantWarmup(3.2, warmup_steps=10, warmup_learning_rate=0.1)
+    assert [float(s(i)) for i in (0, 9, 10, 11)] == pytest.approx([0.1, 0.1, 3.2, 3.2])
+
+
+def test_zero_warmup_steps_is_the_inner_schedule():
+    assert float(LinearWarmup(0.4, warmup_steps=0)(0)) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        goyal_schedule(0.1, 8192, SPE),
+        goyal_schedule(0.1, 1024, SPE, warmup="constant"),
+        LinearWarmup(keras.optimizers.schedules.CosineDecay(0.5, 1000), 50, 0.0),
+        ConstantWarmup(0.3, 20, 0.01),
+    ],
+)
+def test_config_round_trip(schedule):
+    config = keras.saving.serialize_keras_object(schedule)
+    clone = keras.saving.deserialize_keras_object(config)
+    assert type(clone) is type(schedule)
+    steps = np.arange(0, 9000, 37)
+    np.testing.assert_array_equal(
+        [float(clone(i)) for i in steps[:60]], [float(schedule(i)) for i in steps[:60]]
+    )
+    assert clone.get_config() == schedule.get_config()
+
+
+def test_schedules_run_in_tf_function_with_int64_step():
+    s = goyal_schedule(0.1, 8192, SPE)
+    fn = tf.function(lambda step: s(step))
+    assert float(fn(tf.constant(3000, tf.int64))) == pytest.approx(0.32)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: LinearWarmup(0.1, warmup_steps=-1), "warmup_steps"),
+        (lambda: LinearWarmup(-0.1, warmup_steps=1), "after_warmup"),
+        (
+            lambda: LinearWarmup(0.1, warmup_steps=1, initial_learning_rate=-1),
+            "initial_learning_rate",
+        ),
+        (lambda: ConstantWarmup(0.1, 5, warmup_learning_rate=0), "warmup_learning_rate"),
+        (lambda: goyal_schedule(-0.1, 8192, SPE), "base_learning_rate"),
+        (lambda: goyal_schedule(0.1, 0, SPE), "global_batch_size"),
+        (lambda: goyal_schedule(0.1, 8192, 0), "steps_per_epoch"),
+        (lambda: goyal_schedule(0.1, 8192, SPE, warmup_epochs=31), "warmup_epochs"),
+        (lambda: goyal_schedule(0.1, 8192, SPE, decay_epochs=(60, 30)), "decay_epochs"),
+        (lambda: goyal_schedule(0.1, 8192, SPE, scaling_rule="log"), "rule"),
+        (lambda: goyal_schedule(0.1, 8192, SPE, warmup="slow"), "warmup"),
+        (lambda: goyal_schedule(0.1, 8192, SPE, decay_factor=1.5), "decay_factor"),
+    ],
+)
+def test_bad_input(make, name):
+    with pytest.raises(ValueError, match=f"`{name}`.*Received"):
+        make()
+
+
+def test_piecewise_constant_switches_at_the_boundary_step():
+    s = schedules.piecewise_constant([10, 20], [1.0, 0.5, 0.25])
+    assert [float(s(i)) for i in (9, 10, 19, 20)] == [1.0, 0.5, 0.5, 0.25]

@@ -1,0 +1,424 @@
+"""Batch-size phases: "don't decay the learning rate, increase the batch size" (pure Python).
+
+A `PhasePlan` splits training into phases of whole epochs, each with one global batch size,
+learning rate and momentum. `plan_phases` turns a step-decay recipe (decay the learning rate by
+`decay_factor` at `decay_epochs`) into such a plan in one of three modes:
+
+- ``"decay_lr"``: the batch stays fixed and the learning rate falls (the usual recipe);
+- ``"grow_batch"``: the learning rate stays fixed and the batch grows by ``1/decay_factor``;
+- ``"hybrid"``: the batch grows while it stays within ``max_global_batch_size``, then the
+  learning rate decays for the remaining boundaries (Smith et al. 2018 §5.1).
+
+All three keep the SGD noise scale g ≈ εN/(B(1 − m)) on the same path (Smith et al. 2018 §3).
+``scaled_momentum`` adds Smith's momentum scaling (§5.4): raising m to ``scaled_momentum`` and
+multiplying every batch by (1 − m)/(1 − scaled_momentum) keeps g too, with fewer updates.
+
+Nothing here imports TensorFlow; `PhasePlan.learning_rate_schedule` imports Keras on call.
+
+References:
+  Smith, Kindermans, Ying & Le 2018, "Don't Decay the Learning Rate, Increase the Batch Size".
+  Goyal et al. 2017, "Accurate, Large Minibatch SGD", §2 (linear scaling and warmup).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from tf_largebatch._validation import (
+    check_choice,
+    check_increasing,
+    check_momentum,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+)
+from tf_largebatch.scaling import noise_scale, scale_learning_rate
+
+MODES = ("decay_lr", "grow_batch", "hybrid")
+WARMUPS = ("gradual", "constant", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A run of whole epochs trained with one global batch size, learning rate and momentum.
+
+    Attributes:
+      start_epoch: first epoch of the phase (0-based, inclusive).
+      end_epoch: epoch at which the phase ends (exclusive).
+      global_batch_size: examples per parameter update, summed over all replicas.
+      learning_rate: the learning rate after any warmup.
+      momentum: the momentum coefficient m.
+      steps_per_epoch: parameter updates per epoch at this batch size.
+    """
+
+    start_epoch: int
+    end_epoch: int
+    global_batch_size: int
+    learning_rate: float
+    momentum: float
+    steps_per_epoch: int
+
+    @property
+    def epochs(self) -> int:
+        return self.end_epoch - self.start_epoch
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def examples(self) -> int:
+        return self.steps * self.global_batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class PhasePlan:
+    """A training run as a sequence of batch-size phases (see `plan_phases`).
+
+    Attributes:
+      phases: the phases, contiguous in epochs from 0.
+      mode: how the plan was made (``"decay_lr"``, ``"grow_batch"``, ``"hybrid"``, or
+        ``"adaptive"`` for plans grown during training).
+      dataset_size: training examples N.
+      drop_remainder: whether an epoch drops the last partial batch (steps = ⌊N/B⌋) or keeps
+        it (steps = ⌈N/B⌉).
+      warmup: ``"gradual"``, ``"constant"`` or ``"none"``.
+      warmup_epochs: epochs of warmup at the start of the first phase.
+      warmup_initial_learning_rate: the learning rate at step 0 of a gradual warmup, or the
+        learning rate during a constant warmup.
+    """
+
+    phases: tuple[Phase, ...]
+    mode: str
+    dataset_size: int
+    drop_remainder: bool = True
+    warmup: str = "none"
+    warmup_epochs: float = 0
+    warmup_initial_learning_rate: float = 0.0
+
+    @property
+    def epochs(self) -> int:
+        return self.phases[-1].end_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    @property
+    def total_examples(self) -> int:
+        return sum(p.examples for p in self.phases)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Warmup length in steps (warmup lies inside the first phase)."""
+        if self.warmup == "none":
+            return 0
+        return round(self.warmup_epochs * self.phases[0].steps_per_epoch)
+
+    def phase_start_steps(self) -> list[int]:
+        """The global step at which each phase starts."""
+        starts, total = [], 0
+        for p in self.phases:
+            starts.append(total)
+            total += p.steps
+        return starts
+
+    def phase_index(self, epoch: int) -> int:
+        """Index of the phase that trains `epoch` (0-based)."""
+        for i, p in enumerate(self.phases):
+            if p.start_epoch <= epoch < p.end_epoch:
+                return i
+        raise ValueError(f"Argument `epoch` must be in [0, {self.epochs}). Received: epoch={epoch}")
+
+    def step_at_epoch(self, epoch: int) -> int:
+        """Parameter updates done before `epoch` starts, through the plan's phases."""
+        if epoch == self.epochs:
+            return self.total_steps
+        i = self.phase_index(epoch)
+        p = self.phases[i]
+        return self.phase_start_steps()[i] + (epoch - p.start_epoch) * p.steps_per_epoch
+
+    def epoch_at_step(self, step: int) -> float:
+        """The (fractional) epoch reached after `step` updates, through the plan's phases."""
+        for start, p in zip(self.phase_start_steps(), self.phases):
+            if step < start + p.steps:
+                return p.start_epoch + (step - start) / p.steps_per_epoch
+        return float(self.epochs)
+
+    def learning_rate_at_step(self, step: int) -> float:
+        """Pure-Python reference of `learning_rate_schedule()` at `step`."""
+        w = self.warmup_steps
+        if step < w:
+            if self.warmup == "constant":
+                return self.warmup_initial_learning_rate
+            target = self.phases[0].learning_rate
+            init = self.warmup_initial_learning_rate
+            return init + (target - init) * step / w
+        lr = self.phases[0].learning_rate
+        for start, p in zip(self.phase_start_steps(), self.phases):
+            if step >= start:
+                lr = p.learning_rate
+        return lr
+
+    def noise_scale(self, phase: Phase) -> float:
+        """Smith's noise scale g = ε(N/B − 1)/(1 − m) of a phase."""
+        return noise_scale(
+            phase.learning_rate, self.dataset_size, phase.global_batch_size, phase.momentum
+        )
+
+    def learning_rate_schedule(self) -> Any:
+        """A serialisable Keras `LearningRateSchedule` that follows this plan.
+
+        Phase boundaries are placed at the global steps where each phase starts, computed
+        through every phase's own steps per epoch, so the schedule stays right when the batch
+        (and with it the number of steps per epoch) changes. Warmup wraps the piecewise-constant
+        phase learning rates (`schedules.LinearWarmup` or `schedules.ConstantWarmup`).
+        """
+        from tf_largebatch import schedules  # Keras is only needed here.
+
+        return schedules.phase_schedule(
+            phase_start_steps=self.phase_start_steps(),
+            learning_rates=[p.learning_rate for p in self.phases],
+            warmup=self.warmup,
+            warmup_steps=self.warmup_steps,
+            warmup_initial_learning_rate=self.warmup_initial_learning_rate,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the ``phases`` field of ``results.json`` among others)."""
+        return {
+            "mode": self.mode,
+            "dataset_size": self.dataset_size,
+            "drop_remainder": self.drop_remainder,
+            "warmup": self.warmup,
+            "warmup_epochs": self.warmup_epochs,
+            "warmup_initial_learning_rate": self.warmup_initial_learning_rate,
+            "total_steps": self.total_steps,
+            "phases": [
+                {
+                    **dataclasses.asdict(p),
+                    "steps": p.steps,
+                    "examples": p.examples,
+                    "noise_scale": self.noise_scale(p),
+                }
+                for p in self.phases
+            ],
+        }
+
+    def table(self) -> str:
+        """The plan as a text table, one row per phase."""
+        header = (
+            f"{'epochs':>11} {'batch':>7} {'lr':>9} {'momentum':>8} {'steps/ep':>8} "
+            f"{'steps':>8} {'noise g':>10}"
+        )
+        rows = [header, "-" * len(header)]
+        for p in self.phases:
+            rows.append(
+                f"{p.start_epoch:>5}-{p.end_epoch:<5} {p.global_batch_size:>7} "
+                f"{p.learning_rate:>9.4g} {p.momentum:>8.4g} {p.steps_per_epoch:>8} "
+                f"{p.steps:>8} {self.noise_scale(p):>10.4g}"
+            )
+        rounding = "dropped" if self.drop_remainder else "kept"
+        warm = (
+            f"{self.warmup} warmup over {self.warmup_epochs:g} epochs ({self.warmup_steps} steps) "
+            f"from lr {self.warmup_initial_learning_rate:g}"
+            if self.warmup != "none" and self.warmup_steps
+            else "no warmup"
+        )
+        rows.append(
+            f"mode={self.mode}, N={self.dataset_size}, total steps={self.total_steps}, "
+            f"last partial batch {rounding}, {warm}"
+        )
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, path: str) -> None:
+        """Draws learning rate and batch size against epochs to a PNG (Smith et al. Figure 2)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        edges = [p.start_epoch for p in self.phases] + [self.epochs]
+        lrs = [p.learning_rate for p in self.phases]
+        batches = [p.global_batch_size for p in self.phases]
+        fig, (ax_lr, ax_b) = plt.subplots(1, 2, figsize=(10, 3.5))
+        ax_lr.stairs(lrs, edges, baseline=None)
+        ax_lr.set(xlabel="epoch", ylabel="learning rate", yscale="log", title=self.mode)
+        ax_b.stairs(batches, edges, baseline=None)
+        ax_b.set(xlabel="epoch", ylabel="global batch size", yscale="log", title=self.mode)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def steps_per_epoch(dataset_size: int, global_batch_size: int, drop_remainder: bool = True) -> int:
+    """⌊N/B⌋ when the last partial batch is dropped, else ⌈N/B⌉."""
+    if drop_remainder:
+        return dataset_size // global_batch_size
+    return math.ceil(dataset_size / global_batch_size)
+
+
+def plan_phases(
+    mode: str,
+    dataset_size: int,
+    epochs: int,
+    global_batch_size: int,
+    base_learning_rate: float,
+    base_batch_size: int = 256,
+    decay_epochs: Sequence[int] = (),
+    decay_factor: float = 0.1,
+    max_global_batch_size: int | None = None,
+    warmup_epochs: float = 0,
+    warmup: str = "gradual",
+    momentum: float = 0.9,
+    scaling_rule: str = "linear",
+    drop_remainder: bool = True,
+    scaled_momentum: float | None = None,
+    warmup_initial_learning_rate: float | None = None,
+) -> PhasePlan:
+    """Plans batch-size phases from a step-decay recipe.
+
+    The initial learning rate is ``scale_learning_rate(base_learning_rate, global_batch_size,
+    base_batch_size, scaling_rule)``. At each of ``decay_epochs`` the recipe multiplies the
+    learning rate by ``decay_factor``; ``"grow_batch"`` instead multiplies the batch by
+    ``1/decay_factor`` (rounded to the nearest integer), ``"hybrid"`` does so while the batch
+    stays ≤ ``max_global_batch_size`` and decays the learning rate after.
+
+    Args:
+      mode: ``"decay_lr"``, ``"grow_batch"`` or ``"hybrid"``.
+      dataset_size: training examples N.
+      epochs: total epochs.
+      global_batch_size: the initial global batch B₀.
+      base_learning_rate: learning rate per ``base_batch_size`` examples.
+      base_batch_size: the reference batch of ``base_learning_rate``.
+      decay_epochs: epochs (strictly increasing, in (0, epochs)) where the recipe decays.
+      decay_factor: learning-rate multiplier at each decay epoch, in (0, 1).
+      max_global_batch_size: largest batch ``"hybrid"`` (and ``"grow_batch"``) may use.
+      warmup_epochs: warmup length; must end by the first decay epoch.
+      warmup: ``"gradual"`` (Goyal's linear ramp), ``"constant"`` or ``"none"``.
+      momentum: momentum m in [0, 1).
+      scaling_rule: ``"linear"``, ``"sqrt"`` or ``"none"``.
+      drop_remainder: steps per epoch ⌊N/B⌋ if True, else ⌈N/B⌉.
+      scaled_momentum: if set, Smith §5.4 momentum scaling: momentum becomes this value and
+        every batch is multiplied by (1 − momentum)/(1 − scaled_momentum).
+      warmup_initial_learning_rate: start of the gradual ramp (or the constant warmup rate);
+        defaults to the unscaled ``base_learning_rate`` (Goyal §2.2); 0 is allowed.
+
+    Returns:
+      A `PhasePlan`.
+
+    Raises:
+      ValueError: naming the argument and value, for any input that cannot be planned.
+
+    Example:
+      >>> plan = plan_phases("grow_batch", 50_000, 200, 128, 0.1, base_batch_size=128,
+      ...                    decay_epochs=(60, 120, 160), decay_factor=0.2)
+      >>> [p.global_batch_size for p in plan.phases]
+      [128, 640, 3200, 16000]
+    """
+    check_choice("mode", mode, MODES)
+    check_positive_int("dataset_size", dataset_size)
+    check_positive_int("epochs", epochs)
+    check_positive_int("global_batch_size", global_batch_size)
+    check_positive("base_learning_rate", base_learning_rate)
+    check_positive_int("base_batch_size", base_batch_size)
+    check_choice("warmup", warmup, WARMUPS)
+    check_non_negative("warmup_epochs", warmup_epochs)
+    check_momentum("momentum", momentum)
+    decay_epochs = tuple(decay_epochs)
+    for e in decay_epochs:
+        if isinstance(e, bool) or not isinstance(e, int) or not 0 < e < epochs:
+            raise ValueError(
+                f"Argument `decay_epochs` must hold integers in (0, epochs={epochs}). "
+                f"Received: decay_epochs={decay_epochs}"
+            )
+    check_increasing("decay_epochs", decay_epochs)
+    check_positive("decay_factor", decay_factor)
+    if decay_epochs and not decay_factor < 1:
+        raise ValueError(
+            "Argument `decay_factor` must be in (0, 1): the learning rate is multiplied by it, "
+            f"the batch grows by its inverse. Received: decay_factor={decay_factor}"
+        )
+    if warmup != "none" and warmup_epochs > (decay_epochs[0] if decay_epochs else epochs):
+        bound = "the first decay epoch" if decay_epochs else "epochs"
+        raise ValueError(
+            f"Argument `warmup_epochs` must be <= {bound} "
+            f"({decay_epochs[0] if decay_epochs else epochs}). Received: warmup_epochs={warmup_epochs}"
+        )
+    if scaled_momentum is not None:
+        check_momentum("scaled_momentum", scaled_momentum)
+        if scaled_momentum <= momentum:
+            raise ValueError(
+                f"Argument `scaled_momentum` must be > momentum ({momentum}). "
+                f"Received: scaled_momentum={scaled_momentum}"
+            )
+    if mode == "hybrid" and max_global_batch_size is None:
+        raise ValueError("Argument `max_global_batch_size` is required for mode='hybrid'.")
+
+    learning_rate = scale_learning_rate(
+        base_learning_rate, global_batch_size, base_batch_size, scaling_rule
+    )
+    batch = float(global_batch_size)
+    if scaled_momentum is not None:
+        batch *= (1.0 - momentum) / (1.0 - scaled_momentum)
+        momentum = scaled_momentum
+    if max_global_batch_size is not None:
+        check_positive_int("max_global_batch_size", max_global_batch_size)
+        if max_global_batch_size < round(batch):
+            raise ValueError(
+                f"Argument `max_global_batch_size` must be >= the initial global batch "
+                f"({round(batch)}). Received: max_global_batch_size={max_global_batch_size}"
+            )
+
+    boundaries = (0, *decay_epochs, epochs)
+    phases = []
+    for i, (start, end) in enumerate(zip(boundaries, boundaries[1:])):
+        if i > 0:
+            grown = batch / decay_factor
+            may_grow = mode == "grow_batch" or (
+                mode == "hybrid" and round(grown) <= max_global_batch_size
+            )
+            if may_grow:
+                batch = grown
+            else:
+                learning_rate *= decay_factor
+        b = round(batch)
+        if max_global_batch_size is not None and b > max_global_batch_size:
+            raise ValueError(
+                f"Argument `max_global_batch_size` ({max_global_batch_size}) is exceeded at epoch "
+                f"{start} (batch {b}); use mode='hybrid' to decay the learning rate instead. "
+                f"Received: max_global_batch_size={max_global_batch_size}"
+            )
+        if b > dataset_size:
+            raise ValueError(
+                f"Argument `global_batch_size` grows to {b} at epoch {start}, more than the "
+                f"data set ({dataset_size} examples). Received: global_batch_size={global_batch_size}"
+            )
+        phases.append(
+            Phase(
+                start_epoch=start,
+                end_epoch=end,
+                global_batch_size=b,
+                learning_rate=learning_rate,
+                momentum=momentum,
+                steps_per_epoch=steps_per_epoch(dataset_size, b, drop_remainder),
+            )
+        )
+    if warmup_initial_learning_rate is None:
+        warmup_initial_learning_rate = float(base_learning_rate)
+    check_non_negative("warmup_initial_learning_rate", warmup_initial_learning_rate)
+    return PhasePlan(
+        phases=tuple(phases),
+        mode=mode,
+        dataset_size=dataset_size,
+        drop_remainder=drop_remainder,
+        warmup=warmup if warmup_epochs > 0 else "none",
+        warmup_epochs=warmup_epochs if warmup != "none" else 0,
+        warmup_initial_learning_rate=warmup_initial_learning_rate,
+    )
