@@ -346,10 +346,9 @@ def plan_phases(
             f"the batch grows by its inverse. Received: decay_factor={decay_factor}"
         )
     if warmup != "none" and warmup_epochs > (decay_epochs[0] if decay_epochs else epochs):
-        bound = "the first decay epoch" if decay_epochs else "epochs"
+        bound = f"the first decay epoch ({decay_epochs[0]})" if decay_epochs else f"epochs ({epochs})"
         raise ValueError(
-            f"Argument `warmup_epochs` must be <= {bound} "
-            f"({decay_epochs[0] if decay_epochs else epochs}). Received: warmup_epochs={warmup_epochs}"
+            f"Argument `warmup_epochs` must be <= {bound}. Received: warmup_epochs={warmup_epochs}"
         )
     if scaled_momentum is not None:
         check_momentum("scaled_momentum", scaled_momentum)
@@ -398,7 +397,8 @@ def plan_phases(
         if b > dataset_size:
             raise ValueError(
                 f"Argument `global_batch_size` grows to {b} at epoch {start}, more than the "
-                f"data set ({dataset_size} examples). Received: global_batch_size={global_batch_size}"
+                f"data set ({dataset_size} examples). "
+                f"Received: global_batch_size={global_batch_size}"
             )
         phases.append(
             Phase(
