@@ -346,7 +346,7 @@ def plan_phases(
             f"the batch grows by its inverse. Received: decay_factor={decay_factor}"
         )
     if warmup != "none" and warmup_epochs > (decay_epochs[0] if decay_epochs else epochs):
-        bound = f"the first decay epoch ({decay_epochs[0]})" if decay_epochs else f"epochs ({epochs})"
+        bound = f"the first decay epoch ({decay_epochs[0]})" if decay_epochs else f"{epochs=}"
         raise ValueError(
             f"Argument `warmup_epochs` must be <= {bound}. Received: warmup_epochs={warmup_epochs}"
         )
