@@ -79,9 +79,9 @@ def fit_phases(
 ) -> keras.callbacks.History:
     """Trains a compiled model through the phases of `plan` with `model.fit`.
 
-    For each phase: ``dataset = make_dataset(phase.global_batch_size)`` (a finite dataset of
-    one epoch, ``phase.steps_per_epoch`` batches, or a repeated one: ``steps_per_epoch`` is
-    passed), the phase's momentum is set, and ``model.fit(dataset,
+    For each phase: ``dataset = make_dataset(phase.global_batch_size)`` (one epoch or more;
+    a finite dataset is repeated, and ``steps_per_epoch`` comes from the plan), the phase's
+    momentum is set, and ``model.fit(dataset,
     initial_epoch=phase.start_epoch, epochs=phase.end_epoch, steps_per_epoch=...)`` runs.
     The optimizer's learning rate is replaced by ``plan.learning_rate_schedule()`` before the
     first phase, so the rate follows the plan through ``optimizer.iterations`` even though
@@ -130,8 +130,14 @@ def fit_phases(
             phase.end_epoch,
             phase.global_batch_size,
         )
+        dataset = make_dataset(phase.global_batch_size)
+        if (
+            isinstance(dataset, tf.data.Dataset)
+            and dataset.cardinality() != tf.data.INFINITE_CARDINALITY
+        ):
+            dataset = dataset.repeat()  # Keras keeps one iterator across the phase's epochs
         history = model.fit(
-            make_dataset(phase.global_batch_size),
+            dataset,
             initial_epoch=max(phase.start_epoch, initial_epoch),
             epochs=phase.end_epoch,
             steps_per_epoch=phase.steps_per_epoch,
