@@ -258,7 +258,14 @@ class PhasePlan:
 
 
 def steps_per_epoch(dataset_size: int, global_batch_size: int, drop_remainder: bool = True) -> int:
-    """⌊N/B⌋ when the last partial batch is dropped, else ⌈N/B⌉."""
+    """⌊N/B⌋ when the last partial batch is dropped, else ⌈N/B⌉.
+
+    Example:
+      >>> steps_per_epoch(1437, 64), steps_per_epoch(1437, 64, drop_remainder=False)
+      (22, 23)
+    """
+    check_positive_int("dataset_size", dataset_size)
+    check_positive_int("global_batch_size", global_batch_size)
     if drop_remainder:
         return dataset_size // global_batch_size
     return math.ceil(dataset_size / global_batch_size)

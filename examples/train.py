@@ -1,0 +1,104 @@
+r"""Train with linear scaling, warmup and batch-size phases, on 1 device, N devices or N workers.
+
+  python examples/train.py                      # offline default: scikit-learn digits
+  python examples/train.py --num_cpu_devices=2 --strategy=mirrored
+  python -m tf_largebatch.launch --num_workers=2 -- examples/train.py --strategy=multi_worker
+  python examples/train.py --dataset=cifar10 --model=resnet20 --mode=hybrid ...
+
+Prints the phase table, a progress bar per epoch and a summary; writes
+``--model_dir``/results.json, model.keras, checkpoints (rerun the same command to resume) and
+TensorBoard logs.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from tf_largebatch.experiment import OPTIMIZERS, ExperimentConfig, run_experiment
+from tf_largebatch.phases import MODES, WARMUPS
+
+_D = ExperimentConfig()
+flags.DEFINE_string("dataset", _D.dataset, "digits (offline), a TFDS name, or npz:PATH.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+flags.DEFINE_enum("model", _D.model, ["auto", "mlp", "cnn", "resnet20", "resnet50"], "Model.")
+flags.DEFINE_enum("mode", _D.mode, list(MODES), "How decay epochs are applied.")
+flags.DEFINE_integer("epochs", _D.epochs, "Total epochs.")
+flags.DEFINE_list("decay_epochs", [str(e) for e in _D.decay_epochs], "Decay epochs, e.g. 30,60,80.")
+flags.DEFINE_float("decay_factor", _D.decay_factor, "LR multiplier per decay (batch x 1/it).")
+flags.DEFINE_float("base_learning_rate", _D.base_learning_rate, "LR per base_batch_size.")
+flags.DEFINE_integer("base_batch_size", _D.base_batch_size, "Reference batch of the base LR.")
+flags.DEFINE_integer("global_batch_size", _D.global_batch_size, "Initial global batch.")
+flags.DEFINE_integer("max_global_batch_size", None, "Batch cap (mode=hybrid).")
+flags.DEFINE_enum("scaling_rule", _D.scaling_rule, ["linear", "sqrt", "none"], "LR scaling.")
+flags.DEFINE_enum("warmup", _D.warmup, list(WARMUPS), "Warmup kind.")
+flags.DEFINE_float("warmup_epochs", _D.warmup_epochs, "Warmup length in epochs.")
+flags.DEFINE_enum("optimizer", _D.optimizer, list(OPTIMIZERS), "Optimizer.")
+flags.DEFINE_float("momentum", _D.momentum, "Momentum coefficient.")
+flags.DEFINE_bool("momentum_correction", _D.momentum_correction, "Goyal momentum correction.")
+flags.DEFINE_float("scaled_momentum", None, "Smith momentum scaling: raise momentum to this.")
+flags.DEFINE_float("weight_decay", _D.weight_decay, "L2 weight decay (kernels only).")
+flags.DEFINE_enum(
+    "strategy",
+    _D.strategy,
+    ["auto", "one_device", "mirrored", "multi_worker"],
+    "tf.distribute strategy.",
+)
+flags.DEFINE_integer("num_cpu_devices", None, "Split the CPU into N logical devices.")
+flags.DEFINE_enum("all_reduce", _D.all_reduce, ["auto", "ring", "nccl"], "All-reduce algorithm.")
+flags.DEFINE_string("model_dir", _D.model_dir, "Output/checkpoint dir; rerun to resume.")
+flags.DEFINE_integer("seed", _D.seed, "Random seed.")
+flags.DEFINE_integer("max_per_replica_batch_size", None, "Accumulate gradients beyond this.")
+flags.DEFINE_integer("steps_per_execution", _D.steps_per_execution, "Steps per compiled call.")
+flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps.")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the step.")
+flags.DEFINE_integer("verbose", 1, "1: progress bar, 0: quiet.")
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> ExperimentConfig:
+    """The flags as an `ExperimentConfig` (field names are flag names)."""
+    try:
+        decay_epochs = tuple(int(e) for e in FLAGS.decay_epochs)
+    except ValueError:
+        raise ValueError(
+            f"Flag --decay_epochs must be a comma list of integers. "
+            f"Received: --decay_epochs={','.join(FLAGS.decay_epochs)}"
+        ) from None
+    fields = {f: FLAGS[f].value for f in ExperimentConfig.__dataclass_fields__ if f in FLAGS}
+    return ExperimentConfig(**{**fields, "decay_epochs": decay_epochs})
+
+
+def print_plan(plan, strategy) -> None:
+    print(f"Replicas in sync: {strategy.num_replicas_in_sync}")
+    print(plan.table(), flush=True)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+        results = run_experiment(config_from_flags(), on_plan=print_plan)
+    except ValueError as e:
+        sys.exit(f"train.py: error: {e}")
+    summary = {
+        k: results[k]
+        for k in (
+            "test_accuracy",
+            "test_loss",
+            "final_train_loss",
+            "parameter_updates",
+            "epochs_completed",
+            "examples_per_second",
+            "wall_seconds",
+            "num_replicas",
+            "trace_count",
+        )
+    }
+    summary["phase_switch_seconds"] = [round(s, 3) for s in results["phase_switch_seconds"]]
+    print("Summary:", json.dumps(summary, indent=1))
+    print(f"Results: {FLAGS.model_dir}/results.json")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,191 @@
+"""One training run from a flat config: data → plan → strategy → `Trainer` → results.
+
+This is what the example binaries call after turning their flags into an `ExperimentConfig`;
+it holds the wiring, never reads flags and never prints (the binaries print).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from tf_largebatch._validation import check_choice
+from tf_largebatch.phases import MODES, WARMUPS, PhasePlan, plan_phases
+
+_log = logging.getLogger(__name__)
+OPTIMIZERS = ("sgd", "lars", "adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one run needs; field names are the `examples/train.py` flag names.
+
+    Attributes:
+      dataset: ``digits`` (offline default), a TFDS name, or ``npz:PATH``.
+      data_dir: TFDS data directory.
+      model: ``auto``, ``mlp``, ``cnn``, ``resnet20``, ``resnet50``.
+      mode: ``decay_lr``, ``grow_batch`` or ``hybrid``.
+      epochs: total epochs.
+      decay_epochs: epochs where the recipe decays the learning rate (or grows the batch).
+      decay_factor: learning-rate multiplier at each decay epoch (batch grows by its inverse).
+      base_learning_rate: learning rate per ``base_batch_size`` examples.
+      base_batch_size: reference batch of ``base_learning_rate``.
+      global_batch_size: initial global batch (all replicas).
+      max_global_batch_size: cap for ``hybrid``.
+      scaling_rule: ``linear``, ``sqrt`` or ``none``.
+      warmup: ``gradual``, ``constant`` or ``none``.
+      warmup_epochs: warmup length in epochs.
+      optimizer: ``sgd`` (with momentum correction), ``lars`` or ``adam``.
+      momentum: momentum coefficient.
+      momentum_correction: Goyal's momentum correction in SGD.
+      weight_decay: L2 weight decay on kernels (added to the loss, not rescaled).
+      strategy: ``auto``, ``one_device``, ``mirrored``, ``multi_worker``.
+      num_cpu_devices: split the CPU into this many logical devices (None: leave as is).
+      all_reduce: ``auto``, ``ring`` or ``nccl``.
+      model_dir: output and checkpoint directory.
+      seed: initialisation and shuffling seed.
+      max_per_replica_batch_size: gradient accumulation beyond this per-replica batch.
+      steps_per_execution: training steps per compiled call.
+      checkpoint_every_steps: extra checkpoints inside an epoch (0: per epoch only).
+      scaled_momentum: Smith's momentum scaling target (None: off).
+      jit_compile: XLA-compile the forward/backward pass.
+      verbose: progress bar on (1) or off (0).
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "auto"
+    mode: str = "grow_batch"
+    epochs: int = 30
+    decay_epochs: Sequence[int] = (10, 20)
+    decay_factor: float = 0.5
+    base_learning_rate: float = 0.1
+    base_batch_size: int = 32
+    global_batch_size: int = 32
+    max_global_batch_size: int | None = None
+    scaling_rule: str = "linear"
+    warmup: str = "gradual"
+    warmup_epochs: float = 2
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    momentum_correction: bool = True
+    weight_decay: float = 0.0
+    strategy: str = "auto"
+    num_cpu_devices: int | None = None
+    all_reduce: str = "auto"
+    model_dir: str = "/tmp/tf_largebatch"
+    seed: int = 0
+    max_per_replica_batch_size: int | None = None
+    steps_per_execution: int = 1
+    checkpoint_every_steps: int = 0
+    scaled_momentum: float | None = None
+    jit_compile: bool = False
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, MODES)
+        check_choice("warmup", self.warmup, WARMUPS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+
+
+def make_plan(config: ExperimentConfig, dataset_size: int) -> PhasePlan:
+    """The `PhasePlan` of a config for a data set of `dataset_size` examples."""
+    return plan_phases(
+        config.mode,
+        dataset_size=dataset_size,
+        epochs=config.epochs,
+        global_batch_size=config.global_batch_size,
+        base_learning_rate=config.base_learning_rate,
+        base_batch_size=config.base_batch_size,
+        decay_epochs=tuple(config.decay_epochs),
+        decay_factor=config.decay_factor,
+        max_global_batch_size=config.max_global_batch_size,
+        warmup_epochs=config.warmup_epochs,
+        warmup=config.warmup,
+        momentum=config.momentum,
+        scaling_rule=config.scaling_rule,
+        scaled_momentum=config.scaled_momentum,
+    )
+
+
+def _optimizer_fn(config: ExperimentConfig, plan: PhasePlan) -> Any:
+    import keras
+
+    from tf_largebatch import optimizers
+
+    momentum = plan.phases[0].momentum
+
+    def make(learning_rate: Any) -> Any:
+        if config.optimizer == "sgd":
+            return optimizers.SGD(
+                learning_rate, momentum=momentum, momentum_correction=config.momentum_correction
+            )
+        if config.optimizer == "lars":
+            return optimizers.LARS(
+                learning_rate, momentum=momentum, weight_decay=config.weight_decay
+            )
+        return keras.optimizers.Adam(learning_rate)
+
+    return make
+
+
+def run_experiment(config: ExperimentConfig, *, on_plan: Any = None) -> dict[str, Any]:
+    """Runs one training job and returns its results (also in ``model_dir/results.json``).
+
+    Order matters for TensorFlow: logical CPU devices and the strategy are set up before any
+    other TensorFlow work (MultiWorkerMirroredStrategy must be created first in a process).
+    Every input is checked before anything is written to ``model_dir``.
+
+    Args:
+      config: the run.
+      on_plan: optional callback ``on_plan(plan, strategy)`` called once the plan is made
+        (the binaries print the phase table with it).
+
+    Returns:
+      The `Trainer` results plus ``config``, ``dataset``, ``model``.
+
+    Raises:
+      ValueError: any bad input, naming the argument (flag) and the value.
+    """
+    from tf_largebatch import data, distribute, models, training
+
+    if config.num_cpu_devices is not None:
+        distribute.configure_cpu_devices(config.num_cpu_devices)
+    strategy = distribute.make_strategy(config.strategy, all_reduce=config.all_reduce)
+    arrays = data.load_data(config.dataset, data_dir=config.data_dir)
+    plan = make_plan(config, arrays.num_train_examples)
+    if on_plan is not None:
+        on_plan(plan, strategy)
+    model_name = models.resolve_model_name(config.model, arrays.input_shape)
+    # Goyal Remark 1: weight decay is an L2 term in the loss; LARS applies it in its update.
+    l2 = config.weight_decay if config.optimizer != "lars" else 0.0
+
+    def model_fn() -> Any:
+        return models.build_model(
+            model_name, arrays.input_shape, arrays.num_classes, weight_decay=l2, seed=config.seed
+        )
+
+    trainer = training.Trainer(
+        model_fn,
+        plan,
+        training.TrainerConfig(
+            model_dir=config.model_dir,
+            seed=config.seed,
+            max_per_replica_batch_size=config.max_per_replica_batch_size,
+            steps_per_execution=config.steps_per_execution,
+            checkpoint_every_steps=config.checkpoint_every_steps,
+            verbose=config.verbose,
+            jit_compile=config.jit_compile,
+        ),
+        optimizer_fn=_optimizer_fn(config, plan),
+        strategy=strategy,
+    )
+    results = trainer.fit(
+        arrays.x_train, arrays.y_train, validation_data=(arrays.x_test, arrays.y_test)
+    )
+    results.update(dataset=arrays.name, model=model_name, config=dataclasses.asdict(config))
+    if trainer.is_chief:
+        training.write_json(f"{config.model_dir}/results.json", results)
+    return results
