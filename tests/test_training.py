@@ -58,7 +58,7 @@ def train(d, tmp_path, replicas=1, plan=None, name=None, die_after_calls=None, *
         strategy=strategy,
     )
     if die_after_calls is not None:
-        step, calls = trainer._train_steps, []
+        step, calls = trainer._step, []
 
         def dying(*args):
             calls.append(1)
@@ -66,7 +66,7 @@ def train(d, tmp_path, replicas=1, plan=None, name=None, die_after_calls=None, *
                 raise RuntimeError("killed")
             return step(*args)
 
-        trainer._train_steps = dying
+        trainer._step = dying
     results = trainer.fit(d.x_train, d.y_train, validation_data=(d.x_test, d.y_test))
     return trainer, results
 

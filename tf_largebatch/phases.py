@@ -208,6 +208,23 @@ class PhasePlan:
             ],
         }
 
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> PhasePlan:
+        """Inverse of `to_dict` (derived fields are ignored)."""
+        fields = {f.name for f in dataclasses.fields(Phase)}
+        phases = tuple(
+            Phase(**{k: v for k, v in p.items() if k in fields}) for p in value["phases"]
+        )
+        keys = (
+            "mode",
+            "dataset_size",
+            "drop_remainder",
+            "warmup",
+            "warmup_epochs",
+            "warmup_initial_learning_rate",
+        )
+        return cls(phases=phases, **{k: value[k] for k in keys})
+
     def table(self) -> str:
         """The plan as a text table, one row per phase."""
         header = (

@@ -1,21 +1,20 @@
 """`Trainer`: the distributed training loop that follows a `PhasePlan`.
 
-One compiled step under any `tf.distribute` strategy (one device, MirroredStrategy,
-MultiWorkerMirroredStrategy), with what Goyal et al. 2017 §2–3 ask of data-parallel SGD:
+Under any `tf.distribute` strategy (one device, MirroredStrategy, MultiWorkerMirroredStrategy)
+it does what Goyal et al. 2017 §2–3 ask of data-parallel SGD:
 
-- per-example losses averaged over the *global* batch (`tf.nn.compute_average_loss`) plus
-  `tf.nn.scale_regularization_loss` of the model's losses (Remark 3), so that the summed
-  all-reduced gradient is the gradient of the global batch whatever the replica count;
-- one permutation of the training set per epoch shared by every worker (Remark 4),
-  rebuilt per phase with `distribute_datasets_from_function` at the phase's batch;
-- the plan's learning rate (a schedule on ``optimizer.iterations``), the phase's momentum,
-  and momentum correction in our `SGD`;
-- gradient accumulation inside the step when a per-replica batch exceeds
-  ``max_per_replica_batch_size`` (how Goyal simulated batches beyond their hardware);
-- checkpoints of model, optimizer, epoch, phase and step (chief writes, other workers write
-  to temporary directories that are removed), resumed by rerunning the same command.
+- loss averaged over the *global* batch (Remark 3; see `steps.TrainStep`), so the result does
+  not depend on the number of replicas;
+- one permutation of the training set per epoch shared by every worker (Remark 4), the input
+  pipeline rebuilt with `distribute_datasets_from_function` at every phase's batch size;
+- the plan's learning rate (a schedule on ``optimizer.iterations``) and momentum, with
+  momentum correction in our `SGD`;
+- gradient accumulation when a per-replica batch exceeds ``max_per_replica_batch_size``;
+- checkpoints of model, optimizer, epoch, phase and step (chief writes, other workers write to
+  temporary directories that are removed); rerunning with the same ``model_dir`` resumes;
+- optionally the gradient noise scale, and an adaptive policy that grows the batch towards it.
 
-`model.fit` cannot do the multi-worker part under Keras 3 (keras-team/keras#20585).
+Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585).
 """
 
 from __future__ import annotations
@@ -25,9 +24,8 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -36,12 +34,20 @@ import tensorflow as tf
 
 from tf_largebatch import data as data_lib
 from tf_largebatch import distribute as distribute_lib
-from tf_largebatch._validation import check_non_negative_int, check_positive_int
+from tf_largebatch import noise as noise_lib
+from tf_largebatch._validation import (
+    check_choice,
+    check_momentum,
+    check_non_negative_int,
+    check_positive_int,
+)
 from tf_largebatch.fitting import set_momentum
 from tf_largebatch.phases import PhasePlan
+from tf_largebatch.steps import TrainStep
 
 _log = logging.getLogger(__name__)
 Schedule = keras.optimizers.schedules.LearningRateSchedule
+MIXED_PRECISION = (None, "mixed_float16", "mixed_bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,19 +55,28 @@ class TrainerConfig:
     """How the `Trainer` runs (what it trains is the `PhasePlan`).
 
     Attributes:
-      model_dir: checkpoints, TensorBoard logs, ``history.json``, ``results.json`` and
-        ``model.keras`` go here; rerunning with the same directory resumes.
+      model_dir: checkpoints, TensorBoard logs, ``plan.json``, ``history.json``,
+        ``results.json`` and ``model.keras``; rerunning with the same directory resumes.
       seed: seeds model initialisation and the per-epoch permutations.
-      max_per_replica_batch_size: larger per-replica batches are split into this many or fewer
-        examples per micro-batch and their gradients accumulated inside one step.
-      steps_per_execution: training steps run inside one compiled call (fewer host round trips).
-      checkpoint_every_steps: also checkpoint every this many steps inside an epoch (0 = only at
-        epoch ends).
+      max_per_replica_batch_size: larger per-replica batches are split into micro-batches of
+        at most this many examples whose gradients are summed inside one step.
+      steps_per_execution: training steps run inside one compiled call.
+      checkpoint_every_steps: also checkpoint every this many steps of an epoch (0: epoch ends).
       max_checkpoints_to_keep: checkpoints kept by the `tf.train.CheckpointManager`.
       eval_batch_size: batch size of the evaluation pass.
       verbose: 1 shows a `keras.utils.Progbar` per epoch on the chief, 0 is silent.
-      jit_compile: compile the per-replica forward/backward pass with XLA.
+      jit_compile: XLA-compile the per-replica forward/backward pass.
+      mixed_precision: ``None``, ``"mixed_float16"`` (with loss scaling) or
+        ``"mixed_bfloat16"``.
       save_model: write ``model_dir/model.keras`` at the end (chief only).
+      measure_noise_scale: estimate the gradient noise scale B_simple every step.
+      noise_scale_beta: EMA decay of the noise-scale estimator.
+      adaptive_max_global_batch_size: if set, grow the batch at epoch ends towards B_simple,
+        up to this size (turns on ``measure_noise_scale``).
+      adaptive_factor: the batch grows by whole powers of this factor.
+      adaptive_learning_rate_rule: how the learning rate follows a grown batch
+        (``"linear"``, ``"sqrt"``, ``"keep"``; see `noise.scaled_learning_rate_for_batch`).
+      adaptive_min_steps: steps the estimator must have seen before a decision.
     """
 
     model_dir: str
@@ -73,7 +88,14 @@ class TrainerConfig:
     eval_batch_size: int = 512
     verbose: int = 1
     jit_compile: bool = False
+    mixed_precision: str | None = None
     save_model: bool = True
+    measure_noise_scale: bool = False
+    noise_scale_beta: float = 0.99
+    adaptive_max_global_batch_size: int | None = None
+    adaptive_factor: int = 2
+    adaptive_learning_rate_rule: str = "linear"
+    adaptive_min_steps: int = 20
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -84,6 +106,25 @@ class TrainerConfig:
         check_non_negative_int("checkpoint_every_steps", self.checkpoint_every_steps)
         check_positive_int("max_checkpoints_to_keep", self.max_checkpoints_to_keep)
         check_positive_int("eval_batch_size", self.eval_batch_size)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_momentum("noise_scale_beta", self.noise_scale_beta)
+        if self.adaptive_max_global_batch_size is not None:
+            check_positive_int(
+                "adaptive_max_global_batch_size", self.adaptive_max_global_batch_size
+            )
+        check_choice(
+            "adaptive_learning_rate_rule",
+            self.adaptive_learning_rate_rule,
+            noise_lib.LR_RULES_FOR_BATCH_GROWTH,
+        )
+        if self.adaptive_factor < 2:
+            raise ValueError(
+                f"Argument `adaptive_factor` must be >= 2. Received: {self.adaptive_factor=}"
+            )
+
+    @property
+    def adaptive(self) -> bool:
+        return self.adaptive_max_global_batch_size is not None
 
 
 def micro_batches(per_replica_batch_size: int, max_per_replica_batch_size: int | None) -> int:
@@ -105,10 +146,16 @@ def _per_example_loss(loss: Any) -> Callable[[Any, Any], Any]:
 
 
 def write_json(path: str, value: Any) -> None:
+    """Writes JSON atomically (a killed run never leaves half a file)."""
     tmp = f"{path}.tmp"
     with tf.io.gfile.GFile(tmp, "w") as f:
         json.dump(value, f, indent=1)
     tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _read_json(path: str) -> Any:
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
 
 
 class Trainer:
@@ -118,11 +165,14 @@ class Trainer:
       model_fn: builds the (uncompiled) model; called inside ``strategy.scope()``.
       plan: the batch-size phases to follow.
       config: a `TrainerConfig`.
-      loss: a Keras loss or its name; used per example. Default: sparse categorical
+      loss: a Keras loss or its name, applied per example; default sparse categorical
         cross-entropy on logits.
       optimizer_fn: builds the optimizer from the plan's learning-rate schedule; default our
-        `SGD` with momentum correction at the first phase's momentum.
+        `SGD` with momentum correction.
       strategy: default ``tf.distribute.get_strategy()``.
+
+    Raises:
+      ValueError: a phase's global batch not divisible by the number of replicas.
 
     Example:
       >>> trainer = Trainer(lambda: build_model("mlp", (8, 8, 1), 10), plan,
@@ -140,22 +190,16 @@ class Trainer:
         optimizer_fn: Callable[[Schedule], keras.optimizers.Optimizer] | None = None,
         strategy: tf.distribute.Strategy | None = None,
     ) -> None:
-        self.plan = plan
+        self.plan = self.initial_plan = plan
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
         self.num_replicas = self.strategy.num_replicas_in_sync
-        for phase in plan.phases:
-            if phase.global_batch_size % self.num_replicas:
-                raise ValueError(
-                    f"Argument `global_batch_size` must be divisible by the number of replicas "
-                    f"({self.num_replicas}). Received: global_batch_size="
-                    f"{phase.global_batch_size} (phase from epoch {phase.start_epoch})"
-                )
+        self._check_divisible(plan)
         self.is_chief = distribute_lib.is_chief(self.strategy)
-        self.trace_count = 0
-        self._loss_fn = _per_example_loss(
-            loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        )
+        loss = loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self._loss_fn = _per_example_loss(loss)
+        if config.mixed_precision:
+            keras.mixed_precision.set_global_policy(config.mixed_precision)
         with self.strategy.scope():
             keras.utils.set_random_seed(config.seed)
             self.model = model_fn()
@@ -166,111 +210,89 @@ class Trainer:
                     return SGD(lr, momentum=plan.phases[0].momentum)
 
             self.optimizer = optimizer_fn(plan.learning_rate_schedule())
+            if config.mixed_precision == "mixed_float16":
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.model.trainable_variables)
-        # Host-side counters (plain variables, outside the strategy): saved with the checkpoint.
+        if config.mixed_precision:
+            keras.mixed_precision.set_global_policy("float32")
+        # Host-side counters (plain variables, outside the strategy), saved with the checkpoint.
         self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self._phase = tf.Variable(0, dtype=tf.int64, trainable=False, name="phase")
         self._step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        measure = config.measure_noise_scale or config.adaptive
+        self.noise_estimator = (
+            noise_lib.NoiseScaleEstimator(config.noise_scale_beta) if measure else None
+        )
+        tracked: dict[str, Any] = {"noise": self.noise_estimator} if measure else {}
         self._checkpoint = tf.train.Checkpoint(
             model=self.model,
             optimizer=self.optimizer,
             epoch=self._epoch,
             phase=self._phase,
             step_in_epoch=self._step_in_epoch,
+            **tracked,
         )
-        self._train_steps = tf.function(self._train_steps_fn)
-        self._forward_backward = (
-            tf.function(self._forward_backward_fn, jit_compile=config.jit_compile)
-            if config.jit_compile
-            else self._forward_backward_fn
+        self._step = TrainStep(
+            self.model,
+            self.optimizer,
+            self._loss_fn,
+            self.strategy,
+            jit_compile=config.jit_compile,
+            noise_estimator=self.noise_estimator,
         )
-        self._eval_step = tf.function(self._eval_step_fn, reduce_retracing=True)
+        self._eval_step: Any = None  # traced once, for any batch size, on first use
 
-    # ---- compiled pieces -------------------------------------------------------------------
-
-    def _forward_backward_fn(
-        self, x: tf.Tensor, y: tf.Tensor, global_batch_size: tf.Tensor, reg_weight: tf.Tensor
-    ) -> tuple[Any, Any, Any]:
-        variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            logits = self.model(x, training=True)
-            per_example = self._loss_fn(y, logits)
-            loss = tf.reduce_sum(per_example) / global_batch_size
-            if self.model.losses:
-                loss += reg_weight * tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
-        grads = tape.gradient(loss, variables)
-        correct = tf.reduce_sum(
-            tf.cast(
-                tf.equal(
-                    tf.argmax(logits, -1, output_type=tf.int32),
-                    tf.cast(tf.reshape(y, [-1]), tf.int32),
-                ),
-                tf.float32,
-            )
-        )
-        return loss, grads, correct
-
-    def _replica_step(
-        self, x: tf.Tensor, y: tf.Tensor, global_batch_size: tf.Tensor, num_micro: int
-    ) -> tuple[Any, Any]:
-        if num_micro == 1:
-            loss, grads, correct = self._forward_backward(x, y, global_batch_size, 1.0)
-        else:
-            xs = tf.reshape(x, [num_micro, -1, *x.shape[1:]])
-            ys = tf.reshape(y, [num_micro, -1, *y.shape[1:]])
-            loss, correct = tf.constant(0.0), tf.constant(0.0)
-            grads = [tf.zeros_like(v) for v in self.model.trainable_variables]
-            for i in tf.range(num_micro):
-                part_loss, part_grads, part_correct = self._forward_backward(
-                    xs[i], ys[i], global_batch_size, 1.0 / num_micro
-                )
-                loss += part_loss
-                correct += part_correct
-                grads = [g + p for g, p in zip(grads, part_grads)]
-        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-        return loss, correct
-
-    def _train_steps_fn(
-        self, iterator: Any, num_steps: tf.Tensor, global_batch_size: tf.Tensor, num_micro: int
-    ) -> tuple[tf.Tensor, tf.Tensor]:
-        self.trace_count += 1  # Python side effect: runs once per trace
-        loss_sum, correct_sum = tf.constant(0.0), tf.constant(0.0)
-        for _ in tf.range(num_steps):
-            x, y = next(iterator)
-            loss, correct = self.strategy.run(
-                self._replica_step, args=(x, y, global_batch_size, num_micro)
-            )
-            loss_sum += self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-            correct_sum += self.strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
-        return loss_sum, correct_sum
-
-    def _eval_step_fn(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        logits = self.model(x, training=False)
-        loss = tf.reduce_sum(self._loss_fn(y, logits))
-        correct = tf.reduce_sum(
-            tf.cast(
-                tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32)),
-                tf.float32,
-            )
-        )
-        return loss, correct
+    @property
+    def trace_count(self) -> int:
+        """Traces of the compiled training step so far."""
+        return self._step.trace_count
 
     def iterations(self) -> int:
         """Parameter updates so far (``optimizer.iterations``)."""
         return int(keras.ops.convert_to_numpy(self.optimizer.iterations))
 
-    # ---- the loop --------------------------------------------------------------------------
+    def _check_divisible(self, plan: PhasePlan) -> None:
+        for phase in plan.phases:
+            if phase.global_batch_size % self.num_replicas:
+                raise ValueError(
+                    f"Argument `global_batch_size` must be divisible by the number of replicas "
+                    f"({self.num_replicas}). Received: global_batch_size="
+                    f"{phase.global_batch_size} (phase from epoch {phase.start_epoch})"
+                )
+
+    def _micro_batches(self, global_batch_size: int) -> int:
+        per_replica = global_batch_size // self.num_replicas
+        k = micro_batches(per_replica, self.config.max_per_replica_batch_size)
+        if self.noise_estimator is not None and self.num_replicas == 1 and k == 1:
+            k = 2 if per_replica % 2 == 0 else micro_batches(per_replica, per_replica - 1)
+        return k
+
+    def _eval_step_fn(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        logits = tf.cast(self.model(x, training=False), tf.float32)
+        loss = tf.reduce_sum(tf.cast(self._loss_fn(y, logits), tf.float32))
+        hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32))
+        return loss, tf.reduce_sum(tf.cast(hits, tf.float32))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """Loss and accuracy over a whole evaluation set (every worker evaluates it all)."""
-        loss, correct = 0.0, 0.0
-        for start in range(0, len(x), self.config.eval_batch_size):
-            xb = x[start : start + self.config.eval_batch_size]
-            yb = y[start : start + self.config.eval_batch_size]
-            batch_loss, batch_correct = self._eval_step(tf.constant(xb), tf.constant(yb))
+        loss, correct, size = 0.0, 0.0, self.config.eval_batch_size
+        if self._eval_step is None:
+            self._eval_step = tf.function(
+                self._eval_step_fn,
+                input_signature=[
+                    tf.TensorSpec([None, *x.shape[1:]], x.dtype),
+                    tf.TensorSpec([None, *y.shape[1:]], y.dtype),
+                ],
+            )
+        for start in range(0, len(x), size):
+            batch_loss, batch_correct = self._eval_step(
+                tf.constant(x[start : start + size]), tf.constant(y[start : start + size])
+            )
             loss += float(batch_loss)
             correct += float(batch_correct)
         return {"loss": loss / len(x), "accuracy": correct / len(x)}
+
+    # ---- resuming ---------------------------------------------------------------------------
 
     def _write_dir(self) -> str:
         if self.is_chief:
@@ -278,20 +300,54 @@ class Trainer:
         task_type, task_id = distribute_lib.worker_info(self.strategy)
         return os.path.join(self.config.model_dir, f".tmp_{task_type}_{task_id}")
 
-    def _check_resumable(self) -> None:
-        plan_path = os.path.join(self.config.model_dir, "plan.json")
-        plan_dict = self.plan.to_dict()
+    def _restore(self) -> list[dict[str, Any]]:
+        """Restores the latest checkpoint, plan and history of ``model_dir``, if any."""
+        cfg = self.config
+        plan_path = os.path.join(cfg.model_dir, "plan.json")
+        initial = json.loads(json.dumps(self.initial_plan.to_dict()))
         if tf.io.gfile.exists(plan_path):
-            with tf.io.gfile.GFile(plan_path) as f:
-                saved = json.load(f)
-            if saved != json.loads(json.dumps(plan_dict)):
+            saved = _read_json(plan_path)
+            if saved["initial"] != initial:
                 raise ValueError(
-                    f"Argument `model_dir` holds a run with a different phase plan "
-                    f"({plan_path}); use a new model_dir. Received: model_dir="
-                    f"{self.config.model_dir!r}"
+                    f"Argument `model_dir` holds a run with a different phase plan ({plan_path}); "
+                    f"use a new model_dir. Received: model_dir={cfg.model_dir!r}"
                 )
-        elif self.is_chief:
-            write_json(plan_path, plan_dict)
+            self._set_plan(PhasePlan.from_dict(saved["current"]))
+        latest = tf.train.latest_checkpoint(os.path.join(cfg.model_dir, "ckpt"))
+        if latest:
+            self._checkpoint.restore(latest).expect_partial()
+            _log.info("resumed from %s at epoch %d", latest, int(self._epoch.numpy()))
+        history: list[dict[str, Any]] = []
+        history_path = os.path.join(cfg.model_dir, "history.json")
+        epoch = int(self._epoch.numpy())
+        if latest and tf.io.gfile.exists(history_path):
+            history = [h for h in _read_json(history_path) if h["epoch"] < epoch]
+        skip = int(self._step_in_epoch.numpy())
+        expected = self.plan.step_at_epoch(epoch) + skip
+        if self.iterations() != expected:
+            raise ValueError(
+                f"The checkpoint in model_dir={cfg.model_dir!r} is at step {self.iterations()}, "
+                f"but the plan puts epoch {epoch} step {skip} at step {expected}; the run cannot "
+                f"resume with this plan."
+            )
+        return history
+
+    def _set_plan(self, plan: PhasePlan) -> None:
+        """Adopts a (grown) plan: new schedule, so the step is traced again."""
+        self._check_divisible(plan)
+        self.plan = plan
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        inner.learning_rate = plan.learning_rate_schedule()
+        self._step.retrace()
+
+    def _save_plan(self) -> None:
+        if self.is_chief:
+            write_json(
+                os.path.join(self.config.model_dir, "plan.json"),
+                {"initial": self.initial_plan.to_dict(), "current": self.plan.to_dict()},
+            )
+
+    # ---- the loop --------------------------------------------------------------------------
 
     def fit(
         self,
@@ -299,156 +355,185 @@ class Trainer:
         y: np.ndarray,
         validation_data: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> dict[str, Any]:
-        """Trains through every phase (resuming from ``model_dir`` if it holds a checkpoint).
+        """Trains through every phase, resuming from ``model_dir`` if it holds a checkpoint.
 
         Returns:
-          The results dictionary also written to ``model_dir/results.json``: test accuracy and
-          loss, final train loss, parameter updates, epochs completed, examples/second,
-          wall seconds, replicas, phases, per-epoch history, trace count and phase-switch
-          seconds.
+          The results, also written to ``model_dir/results.json``: ``test_accuracy``,
+          ``test_loss``, ``final_train_loss``, ``parameter_updates``, ``epochs_completed``,
+          ``examples_per_second``, ``wall_seconds``, ``num_replicas``, ``phases``,
+          ``history``, ``trace_count``, ``phase_switch_seconds`` (and the noise scale when
+          measured, ``adaptive_decisions`` when adaptive).
         """
-        cfg, plan = self.config, self.plan
-        if len(x) != plan.dataset_size:
+        cfg = self.config
+        if len(x) != self.plan.dataset_size:
             raise ValueError(
-                f"Argument `x` must hold the plan's dataset_size="
-                f"{plan.dataset_size} examples. Received: {len(x)} examples"
+                f"Argument `x` must hold the plan's dataset_size={self.plan.dataset_size} "
+                f"examples. Received: {len(x)} examples"
             )
+        if not self.plan.drop_remainder:
+            raise ValueError("The Trainer needs a plan with drop_remainder=True.")
         tf.io.gfile.makedirs(cfg.model_dir)
-        self._check_resumable()
+        history = self._restore()
+        self._save_plan()
         write_dir = self._write_dir()
         manager = tf.train.CheckpointManager(
             self._checkpoint,
             os.path.join(write_dir, "ckpt"),
             max_to_keep=cfg.max_checkpoints_to_keep,
         )
-        # Every worker restores from the chief's directory.
-        latest = tf.train.latest_checkpoint(os.path.join(cfg.model_dir, "ckpt"))
-        if latest:
-            self._checkpoint.restore(latest).expect_partial()
-            _log.info("resumed from %s at epoch %d", latest, int(self._epoch))
-        history_path = os.path.join(cfg.model_dir, "history.json")
-        history: list[dict[str, Any]] = []
-        if latest and tf.io.gfile.exists(history_path):
-            with tf.io.gfile.GFile(history_path) as f:
-                history = [h for h in json.load(f) if h["epoch"] < int(self._epoch)]
-        start_epoch, skip = int(self._epoch), int(self._step_in_epoch)
-        expected = (
-            (plan.step_at_epoch(start_epoch) + skip)
-            if start_epoch < plan.epochs
-            else (plan.total_steps)
-        )
-        if self.iterations() != expected:
-            raise ValueError(
-                f"The checkpoint in model_dir={cfg.model_dir!r} is at step "
-                f"{self.iterations()}, but the plan puts epoch {start_epoch} "
-                f"step {skip} at step {expected}; the run cannot resume with this plan."
-            )
         writer = (
             tf.summary.create_file_writer(os.path.join(cfg.model_dir, "tensorboard"))
             if self.is_chief
             else tf.summary.create_noop_writer()
         )
-        switch_seconds: list[float] = []
-        train_seconds, examples, wall_start = 0.0, 0, time.perf_counter()
-        final_loss = history[-1]["train_loss"] if history else float("nan")
-        for phase_index, phase in enumerate(plan.phases):
-            if phase.end_epoch <= start_epoch:
-                continue
-            phase_setup_start = time.perf_counter()
-            first = max(phase.start_epoch, start_epoch)
-            skip_steps = skip if first == start_epoch else 0
-            set_momentum(self.optimizer, phase.momentum)
-            self._phase.assign(phase_index)
-            gbs = phase.global_batch_size
-            num_micro = micro_batches(gbs // self.num_replicas, cfg.max_per_replica_batch_size)
-            dataset_fn = data_lib.make_dataset_fn(
-                x,
-                y,
-                gbs,
-                seed=cfg.seed,
-                start_epoch=first,
-                end_epoch=phase.end_epoch,
-                skip_steps=skip_steps,
-                drop_remainder=plan.drop_remainder,
-                static_batch_size=False,
-            )  # one trace serves every phase's batch size
-            iterator = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
-            switching = phase_index > 0 and first == phase.start_epoch
-            gbs_t = tf.constant(float(gbs))
-            for epoch in range(first, phase.end_epoch):
-                done = skip_steps if epoch == first else 0
-                epoch_loss, epoch_correct, epoch_steps = 0.0, 0.0, 0
-                bar = keras.utils.Progbar(
-                    phase.steps_per_epoch,
-                    verbose=cfg.verbose if self.is_chief else 0,
-                    unit_name="step",
-                )
-                epoch_start = time.perf_counter()
-                while done < phase.steps_per_epoch:
-                    n = min(cfg.steps_per_execution, phase.steps_per_epoch - done)
-                    if cfg.checkpoint_every_steps:
-                        n = min(n, cfg.checkpoint_every_steps - done % cfg.checkpoint_every_steps)
-                    loss_sum, correct_sum = self._train_steps(
-                        iterator, tf.constant(n), gbs_t, num_micro
-                    )
-                    loss_sum = float(loss_sum)  # waits for the steps to finish
-                    now = time.perf_counter()
-                    if switching:  # pipeline rebuild + (re)trace + first step of a new phase
-                        switch_seconds.append(now - phase_setup_start)
-                        switching = False
-                    done += n
-                    epoch_loss += loss_sum
-                    epoch_correct += float(correct_sum)
-                    epoch_steps += n
-                    self._step_in_epoch.assign(done)
-                    bar.update(done, [("loss", loss_sum / n)])
-                    if (
-                        cfg.checkpoint_every_steps
-                        and done % cfg.checkpoint_every_steps == 0
-                        and done < phase.steps_per_epoch
-                    ):
-                        manager.save(checkpoint_number=self.iterations())
-                epoch_time = time.perf_counter() - epoch_start
-                train_seconds += epoch_time
-                examples += epoch_steps * gbs
-                self._epoch.assign(epoch + 1)
-                self._step_in_epoch.assign(0)
-                final_loss = epoch_loss / max(epoch_steps, 1)
-                record = {
-                    "epoch": epoch,
-                    "train_loss": final_loss,
-                    "train_accuracy": epoch_correct / max(epoch_steps * gbs, 1),
-                    "learning_rate": plan.learning_rate_at_step(plan.step_at_epoch(epoch)),
-                    "global_batch_size": gbs,
-                    "momentum": phase.momentum,
-                    "phase": phase_index,
-                    "steps": self.iterations(),
-                    "examples_per_second": epoch_steps * gbs / max(epoch_time, 1e-9),
-                }
-                if validation_data is not None:
-                    metrics = self.evaluate(*validation_data)
-                    record.update(test_loss=metrics["loss"], test_accuracy=metrics["accuracy"])
-                history.append(record)
-                self._log_epoch(writer, record)
-                manager.save(checkpoint_number=self.iterations())
-                if self.is_chief:
-                    write_json(history_path, history)
-        if not self.is_chief:
-            tf.io.gfile.rmtree(write_dir) if tf.io.gfile.exists(write_dir) else None
-        results = self._results(
-            history,
-            final_loss,
-            examples,
-            train_seconds,
-            time.perf_counter() - wall_start,
-            switch_seconds,
-            validation_data,
-        )
+        stats = {"switch": [], "train_seconds": 0.0, "examples": 0, "noise_steps": []}
+        decisions = [h["adaptive_decision"] for h in history if "adaptive_decision" in h]
+        wall_start = time.perf_counter()
+        epoch = int(self._epoch.numpy())
+        iterator, built_phase = None, None
+        while epoch < self.plan.epochs:
+            phase_index = self.plan.phase_index(epoch)
+            phase = self.plan.phases[phase_index]
+            skip = int(self._step_in_epoch.numpy())
+            switching = False
+            if (phase_index, phase) != built_phase:
+                setup_start = time.perf_counter()
+                switching = built_phase is not None  # a phase change inside this run
+                inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+                set_momentum(inner, phase.momentum)
+                self._phase.assign(phase_index)
+                dataset_fn = data_lib.make_dataset_fn(
+                    x,
+                    y,
+                    phase.global_batch_size,
+                    seed=cfg.seed,
+                    start_epoch=epoch,
+                    end_epoch=phase.end_epoch,
+                    skip_steps=skip,
+                    static_batch_size=False,
+                )  # no static batch dimension: one trace serves every phase
+                iterator = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+                built_phase = (phase_index, phase)
+            record = self._train_epoch(
+                iterator, epoch, phase, skip, manager, stats, setup_start if switching else None
+            )
+            record["phase"] = phase_index
+            if validation_data is not None:
+                metrics = self.evaluate(*validation_data)
+                record.update(test_loss=metrics["loss"], test_accuracy=metrics["accuracy"])
+            epoch += 1
+            self._epoch.assign(epoch)
+            self._step_in_epoch.assign(0)
+            decision = self._adapt(epoch, record)
+            if decision:
+                record["adaptive_decision"] = decision
+                decisions.append(decision)
+            history.append(record)
+            self._log_epoch(writer, record)
+            manager.save(checkpoint_number=self.iterations())
+            if self.is_chief:
+                write_json(os.path.join(cfg.model_dir, "history.json"), history)
+        if not self.is_chief and tf.io.gfile.exists(write_dir):
+            tf.io.gfile.rmtree(write_dir)
+        results = self._results(history, stats, time.perf_counter() - wall_start)
+        if decisions:
+            results["adaptive_decisions"] = decisions
+        if validation_data is not None:
+            metrics = self.evaluate(*validation_data)
+            results.update(test_loss=metrics["loss"], test_accuracy=metrics["accuracy"])
         if self.is_chief:
             write_json(os.path.join(cfg.model_dir, "results.json"), results)
             if cfg.save_model:
                 self.model.save(os.path.join(cfg.model_dir, "model.keras"))
         return results
+
+    def _train_epoch(
+        self,
+        iterator: Any,
+        epoch: int,
+        phase: Any,
+        skip: int,
+        manager: Any,
+        stats: dict[str, Any],
+        setup_start: float | None,
+    ) -> dict[str, Any]:
+        cfg, spe, gbs = self.config, phase.steps_per_epoch, phase.global_batch_size
+        num_micro = self._micro_batches(gbs)
+        done, loss_total, correct_total = skip, 0.0, 0.0
+        bar = keras.utils.Progbar(spe, verbose=cfg.verbose if self.is_chief else 0)
+        start = time.perf_counter()
+        b_simple = float("nan")
+        while done < spe:
+            n = min(cfg.steps_per_execution, spe - done)
+            if cfg.checkpoint_every_steps:
+                n = min(n, cfg.checkpoint_every_steps - done % cfg.checkpoint_every_steps)
+            loss_sum, correct_sum, b_simple_t = self._step(iterator, n, gbs, num_micro)
+            loss_sum = float(loss_sum)  # waits for the steps to finish
+            if setup_start is not None:  # pipeline rebuild + (re)trace + first steps
+                stats["switch"].append(time.perf_counter() - setup_start)
+                setup_start = None
+            done += n
+            loss_total += loss_sum
+            correct_total += float(correct_sum)
+            self._step_in_epoch.assign(done)
+            values = [("loss", loss_sum / n)]
+            if self.noise_estimator is not None:
+                b_simple = float(b_simple_t)
+                stats["noise_steps"].append([self.iterations(), b_simple])
+                values.append(("noise_scale", b_simple))
+            bar.update(done, values)
+            if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 < spe - done:
+                manager.save(checkpoint_number=self.iterations())
+        seconds = time.perf_counter() - start
+        steps = spe - skip
+        stats["train_seconds"] += seconds
+        stats["examples"] += steps * gbs
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_total / max(steps, 1),
+            "train_accuracy": correct_total / max(steps * gbs, 1),
+            "learning_rate": self.plan.learning_rate_at_step(self.plan.step_at_epoch(epoch)),
+            "global_batch_size": gbs,
+            "momentum": phase.momentum,
+            "steps": self.iterations(),
+            "examples_per_second": steps * gbs / max(seconds, 1e-9),
+        }
+        if self.noise_estimator is not None:
+            record["noise_scale"] = b_simple
+        return record
+
+    def _adapt(self, next_epoch: int, record: dict[str, Any]) -> dict[str, Any] | None:
+        """At an epoch end: grow the batch towards the measured B_simple (adaptive mode)."""
+        cfg, plan = self.config, self.plan
+        if not cfg.adaptive or next_epoch >= plan.epochs or next_epoch < plan.warmup_epochs:
+            return None
+        if int(self.noise_estimator.count.numpy()) < cfg.adaptive_min_steps:
+            return None
+        current = plan.phases[plan.phase_index(next_epoch)].global_batch_size
+        b_simple = record["noise_scale"]
+        target = noise_lib.suggest_global_batch_size(
+            b_simple,
+            current,
+            max_global_batch_size=cfg.adaptive_max_global_batch_size,
+            factor=cfg.adaptive_factor,
+            multiple_of=self.num_replicas,
+            dataset_size=plan.dataset_size,
+        )
+        if target == current:
+            return None
+        self._set_plan(
+            noise_lib.grow_plan(plan, next_epoch, target, cfg.adaptive_learning_rate_rule)
+        )
+        self._save_plan()
+        decision = {
+            "epoch": next_epoch,
+            "noise_scale": b_simple,
+            "from_global_batch_size": current,
+            "to_global_batch_size": target,
+            "learning_rate": self.plan.phases[self.plan.phase_index(next_epoch)].learning_rate,
+        }
+        _log.warning("adaptive batch: %s", decision)
+        return decision
 
     def _log_epoch(self, writer: Any, record: dict[str, Any]) -> None:
         with writer.as_default(step=record["steps"]):
@@ -461,29 +546,24 @@ class Trainer:
                 "global_batch_size",
                 "momentum",
                 "examples_per_second",
+                "noise_scale",
             ):
-                if key in record:
+                if key in record and math.isfinite(record[key]):
                     tf.summary.scalar(key, record[key])
         writer.flush()
-        if self.config.verbose and self.is_chief:
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
-            _log.info("epoch %s", shown)
+        if self.is_chief:
+            _log.info("epoch %s", record)
 
     def _results(
-        self,
-        history: list[dict[str, Any]],
-        final_loss: float,
-        examples: int,
-        train_seconds: float,
-        wall_seconds: float,
-        switch_seconds: Sequence[float],
-        validation_data: Any,
+        self, history: list[dict[str, Any]], stats: dict[str, Any], wall_seconds: float
     ) -> dict[str, Any]:
         results: dict[str, Any] = {
-            "final_train_loss": final_loss,
+            "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
             "parameter_updates": self.iterations(),
-            "epochs_completed": int(self._epoch),
-            "examples_per_second": examples / train_seconds if train_seconds else 0.0,
+            "epochs_completed": int(self._epoch.numpy()),
+            "examples_per_second": (
+                stats["examples"] / stats["train_seconds"] if stats["train_seconds"] else 0.0
+            ),
             "wall_seconds": wall_seconds,
             "num_replicas": self.num_replicas,
             "phases": [
@@ -501,16 +581,8 @@ class Trainer:
             "plan": self.plan.to_dict(),
             "history": history,
             "trace_count": self.trace_count,
-            "phase_switch_seconds": list(switch_seconds),
+            "phase_switch_seconds": stats["switch"],
         }
-        if validation_data is not None:
-            metrics = self.evaluate(*validation_data)
-            results.update(test_loss=metrics["loss"], test_accuracy=metrics["accuracy"])
+        if self.noise_estimator is not None:
+            results["noise_scale_steps"] = stats["noise_steps"]
         return results
-
-
-def remove_worker_temp_dirs(model_dir: str) -> None:
-    """Removes leftover non-chief checkpoint directories (e.g. after a crash)."""
-    for name in tf.io.gfile.listdir(model_dir) if tf.io.gfile.exists(model_dir) else []:
-        if name.startswith(".tmp_"):
-            shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
