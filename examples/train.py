@@ -15,14 +15,19 @@ import sys
 
 from absl import app, flags, logging
 
-from tf_largebatch.experiment import OPTIMIZERS, ExperimentConfig, run_experiment
-from tf_largebatch.phases import MODES, WARMUPS
+from tf_largebatch.experiment import (
+    EXPERIMENT_MODES,
+    OPTIMIZERS,
+    ExperimentConfig,
+    run_experiment,
+)
+from tf_largebatch.phases import WARMUPS
 
 _D = ExperimentConfig()
 flags.DEFINE_string("dataset", _D.dataset, "digits (offline), a TFDS name, or npz:PATH.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 flags.DEFINE_enum("model", _D.model, ["auto", "mlp", "cnn", "resnet20", "resnet50"], "Model.")
-flags.DEFINE_enum("mode", _D.mode, list(MODES), "How decay epochs are applied.")
+flags.DEFINE_enum("mode", _D.mode, list(EXPERIMENT_MODES), "How decay epochs are applied.")
 flags.DEFINE_integer("epochs", _D.epochs, "Total epochs.")
 flags.DEFINE_list("decay_epochs", [str(e) for e in _D.decay_epochs], "Decay epochs, e.g. 30,60,80.")
 flags.DEFINE_float("decay_factor", _D.decay_factor, "LR multiplier per decay (batch x 1/it).")
@@ -52,6 +57,15 @@ flags.DEFINE_integer("max_per_replica_batch_size", None, "Accumulate gradients b
 flags.DEFINE_integer("steps_per_execution", _D.steps_per_execution, "Steps per compiled call.")
 flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the step.")
+flags.DEFINE_enum("mixed_precision", None, ["mixed_float16", "mixed_bfloat16"], "Mixed precision.")
+flags.DEFINE_bool("measure_noise_scale", False, "Estimate the gradient noise scale B_simple.")
+flags.DEFINE_integer("adaptive_factor", 2, "mode=adaptive: batch growth factor.")
+flags.DEFINE_enum(
+    "adaptive_learning_rate_rule",
+    "linear",
+    ["linear", "sqrt", "keep"],
+    "mode=adaptive: learning rate for a grown batch.",
+)
 flags.DEFINE_integer("verbose", 1, "1: progress bar, 0: quiet.")
 FLAGS = flags.FLAGS
 
@@ -97,6 +111,12 @@ def main(argv):
     }
     summary["phase_switch_seconds"] = [round(s, 3) for s in results["phase_switch_seconds"]]
     print("Summary:", json.dumps(summary, indent=1))
+    for decision in results.get("adaptive_decisions", []):
+        print("Adaptive batch:", json.dumps(decision))
+    if results.get("adaptive_decisions"):
+        print("Phases as trained:")
+        for p in results["phases"]:
+            print(" ", json.dumps(p))
     print(f"Results: {FLAGS.model_dir}/results.json")
 
 

@@ -16,6 +16,7 @@ from tf_largebatch.phases import MODES, WARMUPS, PhasePlan, plan_phases
 
 _log = logging.getLogger(__name__)
 OPTIMIZERS = ("sgd", "lars", "adam")
+EXPERIMENT_MODES = (*MODES, "adaptive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,14 +27,16 @@ class ExperimentConfig:
       dataset: ``digits`` (offline default), a TFDS name, or ``npz:PATH``.
       data_dir: TFDS data directory.
       model: ``auto``, ``mlp``, ``cnn``, ``resnet20``, ``resnet50``.
-      mode: ``decay_lr``, ``grow_batch`` or ``hybrid``.
+      mode: ``decay_lr``, ``grow_batch``, ``hybrid`` or ``adaptive`` (the ``decay_lr`` recipe
+        whose batch grows at epoch ends towards the measured gradient noise scale, up to
+        ``max_global_batch_size``, the learning rate following by ``adaptive_learning_rate_rule``).
       epochs: total epochs.
       decay_epochs: epochs where the recipe decays the learning rate (or grows the batch).
       decay_factor: learning-rate multiplier at each decay epoch (batch grows by its inverse).
       base_learning_rate: learning rate per ``base_batch_size`` examples.
       base_batch_size: reference batch of ``base_learning_rate``.
       global_batch_size: initial global batch (all replicas).
-      max_global_batch_size: cap for ``hybrid``.
+      max_global_batch_size: cap for ``hybrid`` and ``adaptive``.
       scaling_rule: ``linear``, ``sqrt`` or ``none``.
       warmup: ``gradual``, ``constant`` or ``none``.
       warmup_epochs: warmup length in epochs.
@@ -51,6 +54,10 @@ class ExperimentConfig:
       checkpoint_every_steps: extra checkpoints inside an epoch (0: per epoch only).
       scaled_momentum: Smith's momentum scaling target (None: off).
       jit_compile: XLA-compile the forward/backward pass.
+      mixed_precision: ``None``, ``mixed_float16`` or ``mixed_bfloat16``.
+      measure_noise_scale: estimate the gradient noise scale every step.
+      adaptive_factor: batch growth factor of ``mode=adaptive``.
+      adaptive_learning_rate_rule: ``linear``, ``sqrt`` or ``keep`` for a grown batch.
       verbose: progress bar on (1) or off (0).
     """
 
@@ -82,18 +89,24 @@ class ExperimentConfig:
     checkpoint_every_steps: int = 0
     scaled_momentum: float | None = None
     jit_compile: bool = False
+    mixed_precision: str | None = None
+    measure_noise_scale: bool = False
+    adaptive_factor: int = 2
+    adaptive_learning_rate_rule: str = "linear"
     verbose: int = 1
 
     def __post_init__(self) -> None:
-        check_choice("mode", self.mode, MODES)
+        check_choice("mode", self.mode, EXPERIMENT_MODES)
+        if self.mode == "adaptive" and self.max_global_batch_size is None:
+            raise ValueError("Argument `max_global_batch_size` is required for mode='adaptive'.")
         check_choice("warmup", self.warmup, WARMUPS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
 
 
 def make_plan(config: ExperimentConfig, dataset_size: int) -> PhasePlan:
     """The `PhasePlan` of a config for a data set of `dataset_size` examples."""
-    return plan_phases(
-        config.mode,
+    plan = plan_phases(
+        "decay_lr" if config.mode == "adaptive" else config.mode,
         dataset_size=dataset_size,
         epochs=config.epochs,
         global_batch_size=config.global_batch_size,
@@ -101,13 +114,14 @@ def make_plan(config: ExperimentConfig, dataset_size: int) -> PhasePlan:
         base_batch_size=config.base_batch_size,
         decay_epochs=tuple(config.decay_epochs),
         decay_factor=config.decay_factor,
-        max_global_batch_size=config.max_global_batch_size,
+        max_global_batch_size=None if config.mode == "adaptive" else config.max_global_batch_size,
         warmup_epochs=config.warmup_epochs,
         warmup=config.warmup,
         momentum=config.momentum,
         scaling_rule=config.scaling_rule,
         scaled_momentum=config.scaled_momentum,
     )
+    return dataclasses.replace(plan, mode="adaptive") if config.mode == "adaptive" else plan
 
 
 def _optimizer_fn(config: ExperimentConfig, plan: PhasePlan) -> Any:
@@ -178,6 +192,13 @@ def run_experiment(config: ExperimentConfig, *, on_plan: Any = None) -> dict[str
             checkpoint_every_steps=config.checkpoint_every_steps,
             verbose=config.verbose,
             jit_compile=config.jit_compile,
+            mixed_precision=config.mixed_precision,
+            measure_noise_scale=config.measure_noise_scale,
+            adaptive_max_global_batch_size=(
+                config.max_global_batch_size if config.mode == "adaptive" else None
+            ),
+            adaptive_factor=config.adaptive_factor,
+            adaptive_learning_rate_rule=config.adaptive_learning_rate_rule,
         ),
         optimizer_fn=_optimizer_fn(config, plan),
         strategy=strategy,

@@ -20,6 +20,7 @@ Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -460,7 +461,11 @@ class Trainer:
         cfg, spe, gbs = self.config, phase.steps_per_epoch, phase.global_batch_size
         num_micro = self._micro_batches(gbs)
         done, loss_total, correct_total = skip, 0.0, 0.0
-        bar = keras.utils.Progbar(spe, verbose=cfg.verbose if self.is_chief else 0)
+        show = bool(cfg.verbose) and self.is_chief
+        if show:  # like model.fit's header (the Progbar is our one use of stdout)
+            lr = self.plan.learning_rate_at_step(self.plan.step_at_epoch(epoch) + skip)
+            print(f"Epoch {epoch + 1}/{self.plan.epochs} - global batch {gbs}, lr {lr:.4g}")
+        bar = keras.utils.Progbar(spe, verbose=1 if show else 0)
         start = time.perf_counter()
         b_simple = float("nan")
         while done < spe:
@@ -551,8 +556,9 @@ class Trainer:
                 if key in record and math.isfinite(record[key]):
                     tf.summary.scalar(key, record[key])
         writer.flush()
-        if self.is_chief:
-            _log.info("epoch %s", record)
+        if self.is_chief and self.config.verbose:
+            shown = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "noise_scale")
+            print("  " + ", ".join(f"{k}: {record[k]:.4f}" for k in shown if k in record))
 
     def _results(
         self, history: list[dict[str, Any]], stats: dict[str, Any], wall_seconds: float
@@ -585,4 +591,6 @@ class Trainer:
         }
         if self.noise_estimator is not None:
             results["noise_scale_steps"] = stats["noise_steps"]
+        weights = [np.asarray(w, np.float32).tobytes() for w in self.model.get_weights()]
+        results["weights_sha256"] = hashlib.sha256(b"".join(weights)).hexdigest()
         return results

@@ -1,0 +1,174 @@
+"""examples/train.py end to end, as a user runs it: results, bad input, kill and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "examples" / "train.py")
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
+QUICK = ["--epochs=4", "--decay_epochs=2", "--warmup_epochs=1", "--verbose=0"]
+RESULT_FIELDS = {
+    "test_accuracy",
+    "test_loss",
+    "final_train_loss",
+    "parameter_updates",
+    "epochs_completed",
+    "examples_per_second",
+    "wall_seconds",
+    "num_replicas",
+    "phases",
+    "history",
+    "trace_count",
+    "phase_switch_seconds",
+}
+
+
+def run(*args, timeout=240, check=True):
+    proc = subprocess.run(
+        [sys.executable, TRAIN, *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    if check and proc.returncode:
+        raise AssertionError(proc.stdout[-2000:] + proc.stderr[-4000:])
+    return proc
+
+
+def results(model_dir):
+    return json.loads((Path(model_dir) / "results.json").read_text())
+
+
+def test_default_job_writes_results(tmp_path):
+    proc = run(f"--model_dir={tmp_path}", *QUICK, "--verbose=1")
+    assert "steps/ep" in proc.stdout and "Summary:" in proc.stdout  # phase table and summary
+    r = results(tmp_path)
+    assert set(r) >= RESULT_FIELDS
+    assert r["parameter_updates"] == sum(p["steps"] for p in r["phases"])
+    assert r["epochs_completed"] == 4 and len(r["history"]) == 4
+    assert [p["global_batch_size"] for p in r["phases"]] == [32, 64]
+    assert set(r["phases"][0]) >= {
+        "start_epoch",
+        "end_epoch",
+        "global_batch_size",
+        "learning_rate",
+        "momentum",
+        "steps",
+    }
+    assert set(r["history"][0]) >= {
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "test_accuracy",
+        "learning_rate",
+        "global_batch_size",
+    }
+    assert r["trace_count"] == 1 and len(r["phase_switch_seconds"]) == 1
+    assert r["phase_switch_seconds"][0] < 2.0
+    assert r["test_accuracy"] > 0.9
+    assert (tmp_path / "model.keras").exists() and (tmp_path / "tensorboard").is_dir()
+
+
+def test_mirrored_two_cpu_devices_matches_one_device(tmp_path):
+    run(f"--model_dir={tmp_path / 'one'}", *QUICK, "--global_batch_size=64")
+    run(
+        f"--model_dir={tmp_path / 'two'}",
+        *QUICK,
+        "--global_batch_size=64",
+        "--num_cpu_devices=2",
+        "--strategy=mirrored",
+    )
+    one, two = results(tmp_path / "one"), results(tmp_path / "two")
+    assert two["num_replicas"] == 2
+    assert two["parameter_updates"] == one["parameter_updates"]
+    assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--num_cpu_devices=3", "--strategy=mirrored"], "global_batch_size"),
+        (["--dataset=no_such_dataset_xyz"], "dataset"),
+        (["--num_cpu_devices=0"], "num_cpu_devices"),
+        (["--global_batch_size=4096"], "global_batch_size"),
+        (["--global_batch_size=-32"], "global_batch_size"),
+        (["--warmup_epochs=3", "--decay_epochs=2"], "warmup_epochs"),
+        (["--decay_epochs=2,x"], "decay_epochs"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_keeps_checkpoint(tmp_path, args, flag, good_run):
+    model_dir, before = good_run
+    proc = run(f"--model_dir={model_dir}", *QUICK, *args, check=False)
+    assert proc.returncode != 0
+    error = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and flag in error[0], proc.stderr[-2000:]
+    assert snapshot(model_dir) == before  # nothing written over the good run
+
+
+def test_npz_missing_arrays(tmp_path):
+    np.savez(tmp_path / "bad.npz", x_train=np.zeros((4, 8, 8)), y_train=np.zeros(4))
+    proc = run(
+        f"--model_dir={tmp_path / 'm'}", f"--dataset=npz:{tmp_path / 'bad.npz'}", check=False
+    )
+    assert proc.returncode != 0 and "x_test" in proc.stderr and "dataset" in proc.stderr
+
+
+def snapshot(model_dir):
+    return {p.name: p.stat().st_mtime_ns for p in sorted(Path(model_dir).rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("good")
+    run(f"--model_dir={model_dir}", *QUICK)
+    return model_dir, snapshot(model_dir)
+
+
+@pytest.mark.slow
+def test_sigkill_in_a_later_phase_then_resume(tmp_path):
+    args = [
+        "--epochs=12",
+        "--decay_epochs=4,8",
+        "--global_batch_size=16",
+        "--base_batch_size=16",
+        "--verbose=0",
+        "--checkpoint_every_steps=10",
+    ]
+    run(f"--model_dir={tmp_path / 'whole'}", *args)
+    whole = results(tmp_path / "whole")
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN, f"--model_dir={cut}", *args],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 180
+    history = cut / "history.json"
+    while time.time() < deadline:  # wait until the run is inside the second phase
+        if history.exists():
+            try:
+                if len(json.loads(history.read_text())) >= 5:
+                    break
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "results.json").exists()  # it really died before the end
+    run(f"--model_dir={cut}", *args)
+    resumed = results(cut)
+    assert resumed["parameter_updates"] == whole["parameter_updates"]
+    assert resumed["epochs_completed"] == whole["epochs_completed"] == 12
+    assert [h["epoch"] for h in resumed["history"]] == list(range(12))
