@@ -386,3 +386,19 @@ def make_eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.
     """
     _check_arrays(x, y, batch_size, arg="batch_size")
     return make_eval_dataset_fn(x, y, batch_size)(tf.distribute.InputContext())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArraySource:
+    """An in-memory training set as a `Trainer` data source (see `make_dataset_fn`)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.x)
+
+    def make_dataset_fn(self, global_batch_size: int, **kwargs: Any) -> DatasetFn:
+        """`make_dataset_fn` over this source's arrays."""
+        return make_dataset_fn(self.x, self.y, global_batch_size, **kwargs)

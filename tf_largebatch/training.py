@@ -274,24 +274,32 @@ class Trainer:
         hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32))
         return loss, tf.reduce_sum(tf.cast(hits, tf.float32))
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """Loss and accuracy over a whole evaluation set (every worker evaluates it all)."""
-        loss, correct, size = 0.0, 0.0, self.config.eval_batch_size
+    def evaluate(self, x: Any, y: np.ndarray | None = None) -> dict[str, float]:
+        """Loss and accuracy over a whole evaluation set (every worker evaluates it all).
+
+        Args:
+          x: inputs (with labels `y`), or a `tf.data.Dataset` of ``(x, y)`` batches.
+          y: labels, when `x` is an array.
+        """
+        if y is not None:
+            size = self.config.eval_batch_size
+            x = tf.data.Dataset.from_tensor_slices((x, y)).batch(size)
         if self._eval_step is None:
+            spec = x.element_spec
             self._eval_step = tf.function(
                 self._eval_step_fn,
                 input_signature=[
-                    tf.TensorSpec([None, *x.shape[1:]], x.dtype),
-                    tf.TensorSpec([None, *y.shape[1:]], y.dtype),
+                    tf.TensorSpec([None, *spec[0].shape[1:]], spec[0].dtype),
+                    tf.TensorSpec([None, *spec[1].shape[1:]], spec[1].dtype),
                 ],
             )
-        for start in range(0, len(x), size):
-            batch_loss, batch_correct = self._eval_step(
-                tf.constant(x[start : start + size]), tf.constant(y[start : start + size])
-            )
+        loss, correct, count = 0.0, 0.0, 0
+        for xb, yb in x:
+            batch_loss, batch_correct = self._eval_step(xb, yb)
             loss += float(batch_loss)
             correct += float(batch_correct)
-        return {"loss": loss / len(x), "accuracy": correct / len(x)}
+            count += int(xb.shape[0])
+        return {"loss": loss / count, "accuracy": correct / count}
 
     # ---- resuming ---------------------------------------------------------------------------
 
@@ -352,11 +360,20 @@ class Trainer:
 
     def fit(
         self,
-        x: np.ndarray,
-        y: np.ndarray,
-        validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+        x: Any,
+        y: np.ndarray | None = None,
+        validation_data: Any = None,
     ) -> dict[str, Any]:
         """Trains through every phase, resuming from ``model_dir`` if it holds a checkpoint.
+
+        Args:
+          x: training inputs (with labels `y`, the data set held in memory and permuted once
+            per epoch), or a data source (`y` None) with ``num_examples`` and
+            ``make_dataset_fn(global_batch_size, *, seed, start_epoch, end_epoch, skip_steps,
+            static_batch_size)`` returning the per-replica ``dataset_fn`` (e.g. a streaming
+            TFDS source for data sets too large for memory).
+          y: labels.
+          validation_data: ``(x, y)`` arrays or a `tf.data.Dataset` of ``(x, y)`` batches.
 
         Returns:
           The results, also written to ``model_dir/results.json``: ``test_accuracy``,
@@ -366,11 +383,17 @@ class Trainer:
           measured, ``adaptive_decisions`` when adaptive).
         """
         cfg = self.config
-        if len(x) != self.plan.dataset_size:
+        source = data_lib.ArraySource(x, y) if y is not None else x
+        if source.num_examples != self.plan.dataset_size:
             raise ValueError(
                 f"Argument `x` must hold the plan's dataset_size={self.plan.dataset_size} "
-                f"examples. Received: {len(x)} examples"
+                f"examples. Received: {source.num_examples} examples"
             )
+        evaluate = (
+            (lambda: self.evaluate(*validation_data))
+            if isinstance(validation_data, (tuple, list))
+            else (lambda: self.evaluate(validation_data))
+        )
         if not self.plan.drop_remainder:
             raise ValueError("The Trainer needs a plan with drop_remainder=True.")
         tf.io.gfile.makedirs(cfg.model_dir)
@@ -403,9 +426,7 @@ class Trainer:
                 inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
                 set_momentum(inner, phase.momentum)
                 self._phase.assign(phase_index)
-                dataset_fn = data_lib.make_dataset_fn(
-                    x,
-                    y,
+                dataset_fn = source.make_dataset_fn(
                     phase.global_batch_size,
                     seed=cfg.seed,
                     start_epoch=epoch,
@@ -420,7 +441,7 @@ class Trainer:
             )
             record["phase"] = phase_index
             if validation_data is not None:
-                metrics = self.evaluate(*validation_data)
+                metrics = evaluate()
                 record.update(test_loss=metrics["loss"], test_accuracy=metrics["accuracy"])
             epoch += 1
             self._epoch.assign(epoch)
@@ -440,7 +461,7 @@ class Trainer:
         if decisions:
             results["adaptive_decisions"] = decisions
         if validation_data is not None:
-            metrics = self.evaluate(*validation_data)
+            metrics = evaluate()
             results.update(test_loss=metrics["loss"], test_accuracy=metrics["accuracy"])
         if self.is_chief:
             write_json(os.path.join(cfg.model_dir, "results.json"), results)
