@@ -46,6 +46,22 @@ def plan_for(d, epochs=4, batch=64, **kw):
     )
 
 
+class Dying:
+    """Wraps the compiled step; raises after `calls` calls, like a process killed mid-run."""
+
+    def __init__(self, step, calls):
+        self.step, self.calls = step, calls
+
+    def __call__(self, *args):
+        self.calls -= 1
+        if self.calls < 0:
+            raise RuntimeError("killed")
+        return self.step(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.step, name)
+
+
 def train(d, tmp_path, replicas=1, plan=None, name=None, die_after_calls=None, **config):
     """Trains (optionally dying after some compiled calls, like a killed process)."""
     devices = [f"/cpu:{i}" for i in range(replicas)]
@@ -58,15 +74,7 @@ def train(d, tmp_path, replicas=1, plan=None, name=None, die_after_calls=None, *
         strategy=strategy,
     )
     if die_after_calls is not None:
-        step, calls = trainer._step, []
-
-        def dying(*args):
-            calls.append(1)
-            if len(calls) > die_after_calls:
-                raise RuntimeError("killed")
-            return step(*args)
-
-        trainer._step = dying
+        trainer._step = Dying(trainer._step, die_after_calls)
     results = trainer.fit(d.x_train, d.y_train, validation_data=(d.x_test, d.y_test))
     return trainer, results
 
@@ -186,3 +194,48 @@ def test_config_errors(field, value):
     kwargs = {"model_dir": "/tmp/x", field: value}
     with pytest.raises(ValueError, match=field):
         TrainerConfig(**kwargs)
+
+
+def adaptive_setup(d):
+    plan = plan_phases(
+        "decay_lr",
+        d.num_train_examples,
+        12,
+        16,
+        0.05,
+        base_batch_size=16,
+        decay_epochs=(8, 11),
+        warmup_epochs=1,
+    )
+    config = dict(adaptive_max_global_batch_size=256, noise_scale_beta=0.95, steps_per_execution=4)
+    return plan, config
+
+
+def test_adaptive_batch_follows_noise_scale_with_fewer_updates(digits, tmp_path):
+    plan, config = adaptive_setup(digits)
+    _, fixed = train(digits, tmp_path, 1, plan, name="fixed")
+    _, adaptive = train(digits, tmp_path, 1, plan, name="adaptive", **config)
+    decisions = adaptive["adaptive_decisions"]
+    assert decisions, "no batch growth decided"
+    for dec in decisions:  # grew by powers of 2 towards, never past, the measured B_simple
+        assert dec["to_global_batch_size"] <= max(dec["noise_scale"], dec["from_global_batch_size"])
+        assert dec["to_global_batch_size"] % dec["from_global_batch_size"] == 0
+    batches = [h["global_batch_size"] for h in adaptive["history"]]
+    assert batches == sorted(batches) and batches[-1] > 16
+    assert adaptive["plan"]["mode"] == "adaptive"
+    assert adaptive["parameter_updates"] == sum(p["steps"] for p in adaptive["phases"])
+    assert adaptive["parameter_updates"] < 0.6 * fixed["parameter_updates"]
+    assert adaptive["test_accuracy"] >= fixed["test_accuracy"] - 0.01
+
+
+def test_adaptive_run_resumes_with_its_grown_plan(digits, tmp_path):
+    plan, config = adaptive_setup(digits)
+    _, whole = train(digits, tmp_path, 1, plan, name="whole", **config)
+    first = whole["adaptive_decisions"][0]["epoch"]
+    die = whole["history"][first]["steps"] // 4 + 2  # calls of 4 steps: inside epoch `first`+1
+    with pytest.raises(RuntimeError, match="killed"):
+        train(digits, tmp_path, 1, plan, name="cut", die_after_calls=die, **config)
+    _, resumed = train(digits, tmp_path, 1, plan, name="cut", **config)
+    assert resumed["parameter_updates"] == whole["parameter_updates"]
+    assert resumed["phases"] == whole["phases"]
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
