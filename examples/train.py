@@ -107,6 +107,7 @@ def main(argv):
             "wall_seconds",
             "num_replicas",
             "trace_count",
+            "weights_sha256",
         )
     }
     summary["phase_switch_seconds"] = [round(s, 3) for s in results["phase_switch_seconds"]]

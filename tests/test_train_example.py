@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,3 +173,43 @@ def test_sigkill_in_a_later_phase_then_resume(tmp_path):
     assert resumed["parameter_updates"] == whole["parameter_updates"]
     assert resumed["epochs_completed"] == whole["epochs_completed"] == 12
     assert [h["epoch"] for h in resumed["history"]] == list(range(12))
+
+
+def launch(num_workers, *args, timeout=300):
+    cmd = [
+        sys.executable,
+        "-m",
+        "tf_largebatch.launch",
+        f"--num_workers={num_workers}",
+        f"--timeout_seconds={timeout - 30}",
+        "--",
+        TRAIN,
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
+
+
+def worker_digests(stdout):
+    found = re.findall(r'\[worker (\d+)\]\s+"weights_sha256": "([0-9a-f]+)"', stdout)
+    return dict(found)
+
+
+@pytest.mark.slow
+def test_two_workers_agree_and_match_two_replica_mirrored(tmp_path):
+    import keras
+
+    args = [*QUICK, "--global_batch_size=64"]
+    proc = launch(2, f"--model_dir={tmp_path / 'mw'}", "--strategy=multi_worker", *args)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    digests = worker_digests(proc.stdout)
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]  # identical weights
+    mw = results(tmp_path / "mw")
+    assert mw["num_replicas"] == 2
+    assert not list((tmp_path / "mw").glob(".tmp_*"))  # non-chief temp checkpoints removed
+    run(f"--model_dir={tmp_path / 'mirrored'}", *args, "--num_cpu_devices=2", "--strategy=mirrored")
+    mirrored = results(tmp_path / "mirrored")
+    assert mirrored["parameter_updates"] == mw["parameter_updates"]
+    a = keras.models.load_model(tmp_path / "mw" / "model.keras").get_weights()
+    b = keras.models.load_model(tmp_path / "mirrored" / "model.keras").get_weights()
+    for wa, wb in zip(a, b):
+        np.testing.assert_allclose(wa, wb, atol=1e-5)
