@@ -207,6 +207,5 @@ def run_experiment(config: ExperimentConfig, *, on_plan: Any = None) -> dict[str
         arrays.x_train, arrays.y_train, validation_data=(arrays.x_test, arrays.y_test)
     )
     results.update(dataset=arrays.name, model=model_name, config=dataclasses.asdict(config))
-    if trainer.is_chief:
-        training.write_json(f"{config.model_dir}/results.json", results)
+    trainer.state.write("results.json", results)
     return results

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from tf_largebatch._validation import (
     check_non_negative_int,
     check_positive_int,
 )
+from tf_largebatch.checkpoints import RunState
 from tf_largebatch.fitting import set_momentum
 from tf_largebatch.phases import PhasePlan
 from tf_largebatch.steps import TrainStep
@@ -146,19 +146,6 @@ def _per_example_loss(loss: Any) -> Callable[[Any, Any], Any]:
     return loss  # a plain function (y_true, y_pred) -> per-example losses
 
 
-def write_json(path: str, value: Any) -> None:
-    """Writes JSON atomically (a killed run never leaves half a file)."""
-    tmp = f"{path}.tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def _read_json(path: str) -> Any:
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
 class Trainer:
     """Trains a Keras model through the phases of a `PhasePlan` under a `tf.distribute` strategy.
 
@@ -216,22 +203,20 @@ class Trainer:
             self.optimizer.build(self.model.trainable_variables)
         if config.mixed_precision:
             keras.mixed_precision.set_global_policy("float32")
-        # Host-side counters (plain variables, outside the strategy), saved with the checkpoint.
-        self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self._phase = tf.Variable(0, dtype=tf.int64, trainable=False, name="phase")
-        self._step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         measure = config.measure_noise_scale or config.adaptive
         self.noise_estimator = (
             noise_lib.NoiseScaleEstimator(config.noise_scale_beta) if measure else None
         )
-        tracked: dict[str, Any] = {"noise": self.noise_estimator} if measure else {}
-        self._checkpoint = tf.train.Checkpoint(
-            model=self.model,
-            optimizer=self.optimizer,
-            epoch=self._epoch,
-            phase=self._phase,
-            step_in_epoch=self._step_in_epoch,
-            **tracked,
+        trackables: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer}
+        if measure:
+            trackables["noise"] = self.noise_estimator
+        # Host-side counters are plain variables (outside the strategy) inside RunState.
+        self.state = RunState(
+            config.model_dir,
+            is_chief=self.is_chief,
+            worker=distribute_lib.worker_info(self.strategy),
+            trackables=trackables,
+            max_to_keep=config.max_checkpoints_to_keep,
         )
         self._step = TrainStep(
             self.model,
@@ -303,41 +288,19 @@ class Trainer:
 
     # ---- resuming ---------------------------------------------------------------------------
 
-    def _write_dir(self) -> str:
-        if self.is_chief:
-            return self.config.model_dir
-        task_type, task_id = distribute_lib.worker_info(self.strategy)
-        return os.path.join(self.config.model_dir, f".tmp_{task_type}_{task_id}")
-
     def _restore(self) -> list[dict[str, Any]]:
-        """Restores the latest checkpoint, plan and history of ``model_dir``, if any."""
-        cfg = self.config
-        plan_path = os.path.join(cfg.model_dir, "plan.json")
-        initial = json.loads(json.dumps(self.initial_plan.to_dict()))
-        if tf.io.gfile.exists(plan_path):
-            saved = _read_json(plan_path)
-            if saved["initial"] != initial:
-                raise ValueError(
-                    f"Argument `model_dir` holds a run with a different phase plan ({plan_path}); "
-                    f"use a new model_dir. Received: model_dir={cfg.model_dir!r}"
-                )
-            self._set_plan(PhasePlan.from_dict(saved["current"]))
-        latest = tf.train.latest_checkpoint(os.path.join(cfg.model_dir, "ckpt"))
-        if latest:
-            self._checkpoint.restore(latest).expect_partial()
-            _log.info("resumed from %s at epoch %d", latest, int(self._epoch.numpy()))
-        history: list[dict[str, Any]] = []
-        history_path = os.path.join(cfg.model_dir, "history.json")
-        epoch = int(self._epoch.numpy())
-        if latest and tf.io.gfile.exists(history_path):
-            history = [h for h in _read_json(history_path) if h["epoch"] < epoch]
-        skip = int(self._step_in_epoch.numpy())
+        """Restores plan, checkpoint and history from ``model_dir`` and checks they agree."""
+        plan, history = self.state.restore(self.initial_plan)
+        if plan is not None:
+            self._set_plan(plan)
+        epoch = int(self.state.epoch.numpy())
+        skip = int(self.state.step_in_epoch.numpy())
         expected = self.plan.step_at_epoch(epoch) + skip
         if self.iterations() != expected:
             raise ValueError(
-                f"The checkpoint in model_dir={cfg.model_dir!r} is at step {self.iterations()}, "
-                f"but the plan puts epoch {epoch} step {skip} at step {expected}; the run cannot "
-                f"resume with this plan."
+                f"The checkpoint in model_dir={self.config.model_dir!r} is at step "
+                f"{self.iterations()}, but the plan puts epoch {epoch} step {skip} at step "
+                f"{expected}; the run cannot resume with this plan."
             )
         return history
 
@@ -348,13 +311,6 @@ class Trainer:
         inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         inner.learning_rate = plan.learning_rate_schedule()
         self._step.retrace()
-
-    def _save_plan(self) -> None:
-        if self.is_chief:
-            write_json(
-                os.path.join(self.config.model_dir, "plan.json"),
-                {"initial": self.initial_plan.to_dict(), "current": self.plan.to_dict()},
-            )
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -398,13 +354,7 @@ class Trainer:
             raise ValueError("The Trainer needs a plan with drop_remainder=True.")
         tf.io.gfile.makedirs(cfg.model_dir)
         history = self._restore()
-        self._save_plan()
-        write_dir = self._write_dir()
-        manager = tf.train.CheckpointManager(
-            self._checkpoint,
-            os.path.join(write_dir, "ckpt"),
-            max_to_keep=cfg.max_checkpoints_to_keep,
-        )
+        self.state.write_plan(self.initial_plan, self.plan)
         writer = (
             tf.summary.create_file_writer(os.path.join(cfg.model_dir, "tensorboard"))
             if self.is_chief
@@ -413,19 +363,19 @@ class Trainer:
         stats = {"switch": [], "train_seconds": 0.0, "examples": 0, "noise_steps": []}
         decisions = [h["adaptive_decision"] for h in history if "adaptive_decision" in h]
         wall_start = time.perf_counter()
-        epoch = int(self._epoch.numpy())
+        epoch = int(self.state.epoch.numpy())
         iterator, built_phase = None, None
         while epoch < self.plan.epochs:
             phase_index = self.plan.phase_index(epoch)
             phase = self.plan.phases[phase_index]
-            skip = int(self._step_in_epoch.numpy())
+            skip = int(self.state.step_in_epoch.numpy())
             switching = False
             if (phase_index, phase) != built_phase:
                 setup_start = time.perf_counter()
                 switching = built_phase is not None  # a phase change inside this run
                 inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
                 set_momentum(inner, phase.momentum)
-                self._phase.assign(phase_index)
+                self.state.phase.assign(phase_index)
                 dataset_fn = source.make_dataset_fn(
                     phase.global_batch_size,
                     seed=cfg.seed,
@@ -437,36 +387,33 @@ class Trainer:
                 iterator = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
                 built_phase = (phase_index, phase)
             record = self._train_epoch(
-                iterator, epoch, phase, skip, manager, stats, setup_start if switching else None
+                iterator, epoch, phase, skip, stats, setup_start if switching else None
             )
             record["phase"] = phase_index
             if validation_data is not None:
                 metrics = evaluate()
                 record.update(test_loss=metrics["loss"], test_accuracy=metrics["accuracy"])
             epoch += 1
-            self._epoch.assign(epoch)
-            self._step_in_epoch.assign(0)
+            self.state.epoch.assign(epoch)
+            self.state.step_in_epoch.assign(0)
             decision = self._adapt(epoch, record)
             if decision:
                 record["adaptive_decision"] = decision
                 decisions.append(decision)
             history.append(record)
             self._log_epoch(writer, record)
-            manager.save(checkpoint_number=self.iterations())
-            if self.is_chief:
-                write_json(os.path.join(cfg.model_dir, "history.json"), history)
-        if not self.is_chief and tf.io.gfile.exists(write_dir):
-            tf.io.gfile.rmtree(write_dir)
+            self.state.write("history.json", history)  # before the checkpoint that needs it
+            self.state.save(self.iterations())
+        self.state.finish()
         results = self._results(history, stats, time.perf_counter() - wall_start)
         if decisions:
             results["adaptive_decisions"] = decisions
         if validation_data is not None:
             metrics = evaluate()
             results.update(test_loss=metrics["loss"], test_accuracy=metrics["accuracy"])
-        if self.is_chief:
-            write_json(os.path.join(cfg.model_dir, "results.json"), results)
-            if cfg.save_model:
-                self.model.save(os.path.join(cfg.model_dir, "model.keras"))
+        self.state.write("results.json", results)
+        if self.is_chief and cfg.save_model:
+            self.model.save(os.path.join(cfg.model_dir, "model.keras"))
         return results
 
     def _train_epoch(
@@ -475,7 +422,6 @@ class Trainer:
         epoch: int,
         phase: Any,
         skip: int,
-        manager: Any,
         stats: dict[str, Any],
         setup_start: float | None,
     ) -> dict[str, Any]:
@@ -501,7 +447,7 @@ class Trainer:
             done += n
             loss_total += loss_sum
             correct_total += float(correct_sum)
-            self._step_in_epoch.assign(done)
+            self.state.step_in_epoch.assign(done)
             values = [("loss", loss_sum / n)]
             if self.noise_estimator is not None:
                 b_simple = float(b_simple_t)
@@ -509,7 +455,7 @@ class Trainer:
                 values.append(("noise_scale", b_simple))
             bar.update(done, values)
             if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 < spe - done:
-                manager.save(checkpoint_number=self.iterations())
+                self.state.save(self.iterations())
         seconds = time.perf_counter() - start
         steps = spe - skip
         stats["train_seconds"] += seconds
@@ -550,7 +496,7 @@ class Trainer:
         self._set_plan(
             noise_lib.grow_plan(plan, next_epoch, target, cfg.adaptive_learning_rate_rule)
         )
-        self._save_plan()
+        self.state.write_plan(self.initial_plan, self.plan)
         decision = {
             "epoch": next_epoch,
             "noise_scale": b_simple,
@@ -587,7 +533,7 @@ class Trainer:
         results: dict[str, Any] = {
             "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
             "parameter_updates": self.iterations(),
-            "epochs_completed": int(self._epoch.numpy()),
+            "epochs_completed": int(self.state.epoch.numpy()),
             "examples_per_second": (
                 stats["examples"] / stats["train_seconds"] if stats["train_seconds"] else 0.0
             ),
