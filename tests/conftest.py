@@ -19,3 +19,19 @@ def pytest_configure(config):
     tf.config.set_logical_device_configuration(
         cpus[0], [tf.config.LogicalDeviceConfiguration()] * NUM_CPU_DEVICES
     )
+
+
+_KEY_BASE_STEP = 100_000
+
+
+def pytest_runtest_setup(item):
+    """Gives each test's MirroredStrategies their own collective group keys.
+
+    A CPU MirroredStrategy uses collective all-reduce in TF 2.21; strategies of different sizes
+    created by different tests in one process would otherwise reuse group keys and abort
+    ("joining a group with size 4, but that group has size 2"). `_collective_key_base` is the
+    hook TensorFlow provides for exactly this ("Only set this in tests").
+    """
+    import tensorflow as tf
+
+    tf.distribute.MirroredStrategy._collective_key_base += _KEY_BASE_STEP
