@@ -10,8 +10,11 @@ batches well below it waste updates, batches well above it waste examples. Write
 ``--output_dir``/noise_scale.png (B_simple against steps) and noise_scale.json.
 """
 
-import json
 import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+import json
 import sys
 
 from absl import app, flags, logging

@@ -10,6 +10,10 @@ Prints the phase table, a progress bar per epoch and a summary; writes
 TensorBoard logs.
 """
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
 import json
 import sys
 

@@ -318,8 +318,12 @@ def test_grow_plan_splits_the_phase_and_rescales_later_phases():
 
     plan = plan_phases("decay_lr", 50_000, 90, 256, 0.1, decay_epochs=(30, 60), decay_factor=0.1)
     grown = grow_plan(plan, 10, 1024, rule="linear")
-    assert [(p.start_epoch, p.end_epoch) for p in grown.phases] == [(0, 10), (10, 30), (30, 60),
-                                                                     (60, 90)]
+    assert [(p.start_epoch, p.end_epoch) for p in grown.phases] == [
+        (0, 10),
+        (10, 30),
+        (30, 60),
+        (60, 90),
+    ]
     assert [p.global_batch_size for p in grown.phases] == [256, 1024, 1024, 1024]
     assert [p.learning_rate for p in grown.phases] == pytest.approx([0.1, 0.4, 0.04, 0.004])
     assert grown.phases[1].steps_per_epoch == 50_000 // 1024
@@ -327,7 +331,8 @@ def test_grow_plan_splits_the_phase_and_rescales_later_phases():
     # Smith's ε/B is kept in every epoch interval (the linear rule).
     for old, new in zip(plan.phases[1:], grown.phases[2:]):
         assert new.learning_rate / new.global_batch_size == pytest.approx(
-            old.learning_rate / old.global_batch_size)
+            old.learning_rate / old.global_batch_size
+        )
     kept = grow_plan(plan, 30, 512, rule="keep")
     assert [p.learning_rate for p in kept.phases] == pytest.approx([0.1, 0.01, 0.001])
     with pytest.raises(ValueError, match="global_batch_size"):

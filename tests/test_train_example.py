@@ -57,7 +57,7 @@ def test_default_job_writes_results(tmp_path):
     assert set(r) >= RESULT_FIELDS
     assert r["parameter_updates"] == sum(p["steps"] for p in r["phases"])
     assert r["epochs_completed"] == 4 and len(r["history"]) == 4
-    assert [p["global_batch_size"] for p in r["phases"]] == [32, 64]
+    assert [p["global_batch_size"] for p in r["phases"]] == [64, 128]
     assert set(r["phases"][0]) >= {
         "start_epoch",
         "end_epoch",

@@ -70,7 +70,7 @@ class ExperimentConfig:
     decay_factor: float = 0.5
     base_learning_rate: float = 0.1
     base_batch_size: int = 32
-    global_batch_size: int = 32
+    global_batch_size: int = 64
     max_global_batch_size: int | None = None
     scaling_rule: str = "linear"
     warmup: str = "gradual"
