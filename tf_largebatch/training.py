@@ -530,6 +530,7 @@ class Trainer:
     def _results(
         self, history: list[dict[str, Any]], stats: dict[str, Any], wall_seconds: float
     ) -> dict[str, Any]:
+        plan = self.plan.to_dict()
         results: dict[str, Any] = {
             "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
             "parameter_updates": self.iterations(),
@@ -539,19 +540,8 @@ class Trainer:
             ),
             "wall_seconds": wall_seconds,
             "num_replicas": self.num_replicas,
-            "phases": [
-                {
-                    "start_epoch": p.start_epoch,
-                    "end_epoch": p.end_epoch,
-                    "global_batch_size": p.global_batch_size,
-                    "learning_rate": p.learning_rate,
-                    "momentum": p.momentum,
-                    "steps": p.steps,
-                    "steps_per_epoch": p.steps_per_epoch,
-                }
-                for p in self.plan.phases
-            ],
-            "plan": self.plan.to_dict(),
+            "phases": plan["phases"],  # start/end epoch, batch, lr, momentum, steps, ...
+            "plan": plan,
             "history": history,
             "trace_count": self.trace_count,
             "phase_switch_seconds": stats["switch"],
