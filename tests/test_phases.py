@@ -148,3 +148,9 @@ def test_bad_input(mode, kwargs, name):
 def test_warmup_at_boundary_is_allowed():
     plan = smith("decay_lr", warmup_epochs=60)
     assert isinstance(plan, PhasePlan) and plan.warmup_steps == 60 * 390
+
+
+def test_warmup_never_ramps_down_below_the_reference_batch():
+    plan = plan_phases("decay_lr", 50_000, 10, 8, 0.1, base_batch_size=256, warmup_epochs=1)
+    assert plan.warmup_initial_learning_rate == pytest.approx(0.1 * 8 / 256)
+    assert plan.learning_rate_at_step(0) == pytest.approx(plan.learning_rate_at_step(6250))

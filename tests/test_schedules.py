@@ -137,3 +137,8 @@ def test_bad_input(make, name):
 def test_piecewise_constant_switches_at_the_boundary_step():
     s = schedules.piecewise_constant([10, 20], [1.0, 0.5, 0.25])
     assert [float(s(i)) for i in (9, 10, 19, 20)] == [1.0, 0.5, 0.5, 0.25]
+
+
+def test_goyal_small_batch_warmup_does_not_ramp_down():
+    s = goyal_schedule(0.1, 64, SPE)  # k = 1/4: the scaled rate 0.025 from step 0
+    assert float(s(0)) == pytest.approx(0.025) and float(s(499)) == pytest.approx(0.025)

@@ -47,6 +47,9 @@ _LAZY = {
     "gradient_noise_components": "noise",
     "suggest_global_batch_size": "noise",
     "grow_plan": "noise",
+    "TFDSImageSource": "imagenet",
+    "ImageNetConfig": "imagenet_recipe",
+    "run_imagenet": "imagenet_recipe",
     "ExperimentConfig": "experiment",
     "run_experiment": "experiment",
 }

@@ -3,8 +3,8 @@
 ``model_dir`` holds:
 
 - ``ckpt/``: `tf.train.CheckpointManager` checkpoints of the model, the optimizer (slots,
-  iterations, momentum), the noise estimator and three counters: completed epochs, phase and
-  steps done in the current epoch (for checkpoints taken inside an epoch);
+  iterations, momentum), the noise estimator and four counters: completed epochs, phase,
+  steps done in the current epoch (for checkpoints taken inside an epoch) and steps run;
 - ``plan.json``: the plan the run started from and the plan it follows now (they differ once
   the adaptive policy has grown the batch);
 - ``history.json``: one record per completed epoch; ``results.json`` at the end.
@@ -50,7 +50,7 @@ class RunState:
       max_to_keep: checkpoints kept.
 
     Attributes:
-      epoch, phase, step_in_epoch: int64 counters saved with every checkpoint.
+      epoch, phase, step_in_epoch, steps_run: int64 counters saved with every checkpoint.
     """
 
     def __init__(
@@ -66,8 +66,15 @@ class RunState:
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.phase = tf.Variable(0, dtype=tf.int64, trainable=False, name="phase")
         self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        # Steps run, counting those a float16 loss scaler skipped (they do not advance
+        # optimizer.iterations): what positions a resumed run in its plan.
+        self.steps_run = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps_run")
         self.checkpoint = tf.train.Checkpoint(
-            epoch=self.epoch, phase=self.phase, step_in_epoch=self.step_in_epoch, **trackables
+            epoch=self.epoch,
+            phase=self.phase,
+            step_in_epoch=self.step_in_epoch,
+            steps_run=self.steps_run,
+            **trackables,
         )
         self._write_dir = (
             model_dir if is_chief else os.path.join(model_dir, f".tmp_{worker[0]}_{worker[1]}")

@@ -332,7 +332,8 @@ def plan_phases(
       scaled_momentum: if set, Smith §5.4 momentum scaling: momentum becomes this value and
         every batch is multiplied by (1 − momentum)/(1 − scaled_momentum).
       warmup_initial_learning_rate: start of the gradual ramp (or the constant warmup rate);
-        defaults to the unscaled ``base_learning_rate`` (Goyal §2.2); 0 is allowed.
+        defaults to the unscaled ``base_learning_rate`` (Goyal §2.2), or the scaled rate if
+        that is lower (k < 1: nothing to warm up); 0 is allowed.
 
     Returns:
       A `PhasePlan`.
@@ -434,8 +435,8 @@ def plan_phases(
                 steps_per_epoch=steps_per_epoch(dataset_size, b, drop_remainder),
             )
         )
-    if warmup_initial_learning_rate is None:
-        warmup_initial_learning_rate = float(base_learning_rate)
+    if warmup_initial_learning_rate is None:  # Goyal: from η up to kη (never down, for k < 1)
+        warmup_initial_learning_rate = min(float(base_learning_rate), phases[0].learning_rate)
     check_non_negative("warmup_initial_learning_rate", warmup_initial_learning_rate)
     return PhasePlan(
         phases=tuple(phases),

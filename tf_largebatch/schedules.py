@@ -238,7 +238,8 @@ def goyal_schedule(
       decay_epochs: epochs where the rate is multiplied by ``decay_factor`` (30, 60, 80).
       decay_factor: the multiplier, in (0, 1).
       scaling_rule: ``"linear"``, ``"sqrt"`` or ``"none"``.
-      warmup_initial_learning_rate: start of the warmup; defaults to ``base_learning_rate``.
+      warmup_initial_learning_rate: start of the warmup; defaults to ``base_learning_rate``
+        (or η̂ when that is lower, k < 1).
 
     Returns:
       A serialisable Keras `LearningRateSchedule`.
@@ -274,8 +275,8 @@ def goyal_schedule(
         [round(e * steps_per_epoch) for e in decay_epochs],
         [peak * decay_factor**i for i in range(len(decay_epochs) + 1)],
     )
-    if warmup_initial_learning_rate is None:
-        warmup_initial_learning_rate = base_learning_rate
+    if warmup_initial_learning_rate is None:  # from η up to kη (never down, for k < 1)
+        warmup_initial_learning_rate = min(base_learning_rate, peak)
     return with_warmup(
         decay, warmup, round(warmup_epochs * steps_per_epoch), warmup_initial_learning_rate
     )

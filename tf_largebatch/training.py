@@ -296,10 +296,11 @@ class Trainer:
         epoch = int(self.state.epoch.numpy())
         skip = int(self.state.step_in_epoch.numpy())
         expected = self.plan.step_at_epoch(epoch) + skip
-        if self.iterations() != expected:
+        steps_run = int(self.state.steps_run.numpy())
+        if steps_run != expected:
             raise ValueError(
                 f"The checkpoint in model_dir={self.config.model_dir!r} is at step "
-                f"{self.iterations()}, but the plan puts epoch {epoch} step {skip} at step "
+                f"{steps_run}, but the plan puts epoch {epoch} step {skip} at step "
                 f"{expected}; the run cannot resume with this plan."
             )
         return history
@@ -445,6 +446,7 @@ class Trainer:
                 stats["switch"].append(time.perf_counter() - setup_start)
                 setup_start = None
             done += n
+            self.state.steps_run.assign_add(n)
             loss_total += loss_sum
             correct_total += float(correct_sum)
             self.state.step_in_epoch.assign(done)
@@ -534,6 +536,8 @@ class Trainer:
         results: dict[str, Any] = {
             "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
             "parameter_updates": self.iterations(),
+            # steps a float16 loss scaler skipped on overflow (no update was applied)
+            "skipped_steps": int(self.state.steps_run.numpy()) - self.iterations(),
             "epochs_completed": int(self.state.epoch.numpy()),
             "examples_per_second": (
                 stats["examples"] / stats["train_seconds"] if stats["train_seconds"] else 0.0
