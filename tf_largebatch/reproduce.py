@@ -1,0 +1,464 @@
+"""Small-scale reproductions of Goyal et al. 2017 and Smith et al. 2018: many runs, one process.
+
+A study is a list of `Run`s (one `ExperimentConfig` each), made from ONE reference recipe:
+
+- `goyal_runs`: the small-batch reference n and large batches kn for several k, each trained
+  with a variant of Goyal et al.'s recipe: the Linear Scaling Rule (η → kη) with gradual
+  warmup, without warmup, with constant warmup, and without scaling (η kept);
+- `smith_runs`: the same step-decay recipe as ``decay_lr``, ``hybrid``, ``grow_batch``,
+  ``grow_batch`` with Smith's momentum scaling, and optionally a ``no_decay`` control.
+
+`run_study` trains them one after another in this process (`run_experiment` per run, each
+in its own ``model_dir`` under a work directory, so a rerun resumes finished runs from their
+checkpoints) and returns one compact record per run. `summarize` gives mean ± sample standard
+deviation over seeds, `goyal_table` / `smith_table` the tables, `write_study` the raw numbers
+as JSON and CSV. The example binaries ``examples/reproduce_*.py`` draw the figures.
+
+Nothing here imports TensorFlow at import time (`run_study` does, through `run_experiment`).
+
+References:
+  Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", §2, Table 1,
+    Figures 2–4.
+  Smith, Kindermans, Ying & Le 2018, "Don't Decay the Learning Rate, Increase the Batch Size",
+    §5, Figures 1–3.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tf_largebatch._validation import _fail, check_momentum, check_positive_int
+from tf_largebatch.experiment import ExperimentConfig
+
+_log = logging.getLogger(__name__)
+
+REFERENCE = "reference"
+GOYAL_VARIANTS: dict[str, dict[str, str]] = {
+    "gradual_warmup": {"scaling_rule": "linear", "warmup": "gradual"},
+    "no_warmup": {"scaling_rule": "linear", "warmup": "none"},
+    "constant_warmup": {"scaling_rule": "linear", "warmup": "constant"},
+    "no_scaling": {"scaling_rule": "none", "warmup": "none"},
+}
+SMITH_MODES = ("decay_lr", "hybrid", "grow_batch", "scaled_momentum", "no_decay")
+# Per-epoch fields kept in a record's history, and the per-run fields of ``*_runs.csv``.
+_HISTORY_KEYS = (
+    *("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy"),
+    *("learning_rate", "global_batch_size", "momentum", "steps"),
+)
+_RUN_KEYS = (
+    *("name", "group", "k", "seed", "global_batch_size", "test_error", "test_accuracy"),
+    *("test_loss", "final_train_loss", "parameter_updates", "wall_seconds"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of a study.
+
+    Attributes:
+      name: unique within the study; the run's directory under the work directory.
+      group: Goyal variant (or ``"reference"`` for k = 1) or Smith mode.
+      k: the batch multiple of the reference batch (1 in Smith studies).
+      seed: initialisation and data-order seed.
+      config: what `run_experiment` trains.
+    """
+
+    name: str
+    group: str
+    k: int
+    seed: int
+    config: ExperimentConfig
+
+
+def _check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
+    seeds = tuple(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        _fail("seeds", "a non-empty sequence of distinct integers", seeds)
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            _fail("seeds", "integers >= 0", seeds)
+    return seeds
+
+
+def goyal_runs(
+    config: ExperimentConfig,
+    ks: Sequence[int],
+    seeds: Sequence[int],
+    variants: Sequence[str] = tuple(GOYAL_VARIANTS),
+) -> list[Run]:
+    """Goyal et al.'s comparison: reference batch n and batches kn with each recipe variant.
+
+    The reference is ``config`` itself without warmup (n = ``config.global_batch_size``, its
+    learning rate η from ``base_learning_rate`` per ``base_batch_size``); it is run once per
+    seed, since at k = 1 every variant is the same run (linear scaling keeps η, a warmup from
+    η to η is constant). For every k > 1 and variant the global batch is kn and:
+
+    - ``gradual_warmup``: η·k, ramped linearly from η over ``config.warmup_epochs`` (§2.2);
+    - ``no_warmup``: η·k from the first step;
+    - ``constant_warmup``: η for ``config.warmup_epochs``, then η·k (§2.2, "constant warmup");
+    - ``no_scaling``: η at every k, no warmup.
+
+    Args:
+      config: the small-batch reference recipe (mode, epochs, decay epochs, model, ...).
+      ks: batch multiples; 1 may be listed (the reference always runs).
+      seeds: one run per seed for every (variant, k).
+      variants: a subset of `GOYAL_VARIANTS`.
+
+    Returns:
+      The reference runs first, then runs by k, variant and seed.
+
+    Raises:
+      ValueError: bad ``ks``, ``seeds`` or ``variants``, or a warmup variant with
+        ``config.warmup_epochs`` = 0.
+
+    Example:
+      >>> runs = goyal_runs(ExperimentConfig(global_batch_size=16, base_batch_size=16),
+      ...                   ks=(1, 8), seeds=(0, 1))
+      >>> len(runs), runs[-1].name, runs[-1].config.global_batch_size
+      (10, 'no_scaling_k8_seed1', 128)
+    """
+    seeds = _check_seeds(seeds)
+    ks = tuple(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        _fail("ks", "a non-empty sequence of integers >= 1", ks)
+    if len(set(ks)) != len(ks):
+        _fail("ks", "distinct integers", ks)
+    variants = tuple(variants)
+    if not variants or any(v not in GOYAL_VARIANTS for v in variants):
+        _fail("variants", f"a non-empty subset of {tuple(GOYAL_VARIANTS)}", variants)
+    if config.warmup_epochs <= 0 and any(GOYAL_VARIANTS[v]["warmup"] != "none" for v in variants):
+        _fail("warmup_epochs", "> 0 for the warmup variants", config.warmup_epochs)
+    replace = functools.partial(dataclasses.replace, config)
+    runs = [
+        Run(
+            f"{REFERENCE}_k1_seed{s}",
+            REFERENCE,
+            1,
+            s,
+            replace(warmup="none", warmup_epochs=0, seed=s),
+        )
+        for s in seeds
+    ]
+    for k in sorted(k for k in ks if k > 1):
+        for variant in variants:
+            overrides = GOYAL_VARIANTS[variant]
+            warmup_epochs = config.warmup_epochs if overrides["warmup"] != "none" else 0
+            for s in seeds:
+                run_config = replace(
+                    global_batch_size=k * config.global_batch_size,
+                    warmup_epochs=warmup_epochs,
+                    seed=s,
+                    **overrides,
+                )
+                runs.append(Run(f"{variant}_k{k}_seed{s}", variant, k, s, run_config))
+    return runs
+
+
+def smith_runs(
+    config: ExperimentConfig,
+    seeds: Sequence[int],
+    *,
+    max_global_batch_size: int,
+    scaled_momentum: float = 0.95,
+    modes: Sequence[str] = SMITH_MODES,
+) -> list[Run]:
+    """Smith et al.'s comparison: one step-decay recipe trained in several modes.
+
+    - ``decay_lr``: batch B₀ fixed, learning rate × ``decay_factor`` at each decay epoch;
+    - ``hybrid``: the batch grows by 1/``decay_factor`` while ≤ ``max_global_batch_size``,
+      then the learning rate decays (§5.1);
+    - ``grow_batch``: learning rate fixed, batch × 1/``decay_factor`` at each decay epoch;
+    - ``scaled_momentum``: ``grow_batch`` with momentum m → ``scaled_momentum`` and every
+      batch × (1 − m)/(1 − ``scaled_momentum``), same noise scale g = εN/(B(1 − m)) (§5.4);
+    - ``no_decay``: the control, B₀ and the learning rate fixed throughout (not in the paper;
+      it shows whether the decay matters at all for this recipe).
+
+    Args:
+      config: the ``decay_lr`` recipe (its ``mode`` and ``max_global_batch_size`` are
+        replaced per mode).
+      seeds: one run per seed and mode.
+      max_global_batch_size: the batch cap of ``hybrid``.
+      scaled_momentum: the raised momentum of ``scaled_momentum``, > ``config.momentum``.
+      modes: a subset of `SMITH_MODES`.
+
+    Returns:
+      Runs by mode and seed (k = 1).
+
+    Raises:
+      ValueError: bad ``seeds``, ``modes``, ``max_global_batch_size`` or ``scaled_momentum``.
+
+    Example:
+      >>> runs = smith_runs(ExperimentConfig(global_batch_size=16), seeds=(0,),
+      ...                   max_global_batch_size=64)
+      >>> [r.config.mode for r in runs]
+      ['decay_lr', 'hybrid', 'grow_batch', 'grow_batch', 'decay_lr']
+    """
+    seeds = _check_seeds(seeds)
+    modes = tuple(modes)
+    if not modes or any(m not in SMITH_MODES for m in modes) or len(set(modes)) != len(modes):
+        _fail("modes", f"distinct names from {SMITH_MODES}", modes)
+    check_positive_int("max_global_batch_size", max_global_batch_size)
+    check_momentum("scaled_momentum", scaled_momentum)
+    if scaled_momentum <= config.momentum:
+        _fail("scaled_momentum", f"> momentum ({config.momentum})", scaled_momentum)
+    overrides = {
+        "decay_lr": {"mode": "decay_lr"},
+        "hybrid": {"mode": "hybrid", "max_global_batch_size": max_global_batch_size},
+        "grow_batch": {"mode": "grow_batch"},
+        "scaled_momentum": {"mode": "grow_batch", "scaled_momentum": scaled_momentum},
+        "no_decay": {"mode": "decay_lr", "decay_epochs": ()},
+    }
+    base = {"max_global_batch_size": None, "scaled_momentum": None}
+    return [
+        Run(
+            f"{m}_seed{s}",
+            m,
+            1,
+            s,
+            dataclasses.replace(config, **{**base, **overrides[m], "seed": s}),
+        )
+        for m in modes
+        for s in seeds
+    ]
+
+
+def _record(run: Run, results: dict[str, Any]) -> dict[str, Any]:
+    accuracy = float(results["test_accuracy"])
+    return {
+        "name": run.name,
+        "group": run.group,
+        "k": run.k,
+        "seed": run.seed,
+        "global_batch_size": run.config.global_batch_size,
+        "test_error": 100.0 * (1.0 - accuracy),
+        "test_accuracy": accuracy,
+        "test_loss": float(results["test_loss"]),
+        "final_train_loss": float(results["final_train_loss"]),
+        "parameter_updates": int(results["parameter_updates"]),
+        "wall_seconds": float(results["wall_seconds"]),
+        "plan": results["plan"],
+        "history": [{k: h[k] for k in _HISTORY_KEYS if k in h} for h in results["history"]],
+        "config": dataclasses.asdict(run.config),
+    }
+
+
+def run_study(
+    runs: Sequence[Run],
+    work_dir: str,
+    *,
+    on_run: Callable[[int, int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Trains every run in this process, one after another, and returns one record per run.
+
+    Each run trains in ``work_dir/<run.name>`` (rerunning with the same ``work_dir`` and the
+    same runs resumes from the checkpoints there, finished runs are only evaluated).
+    Strategies are built per run, so use ``"one_device"`` or ``"mirrored"`` (not
+    ``"multi_worker"``, which must be the first TensorFlow object of a process).
+
+    Args:
+      runs: from `goyal_runs` or `smith_runs`.
+      work_dir: parent of the runs' model directories.
+      on_run: called after each run as ``on_run(index, len(runs), record)``.
+
+    Returns:
+      Per run: name, group, k, seed, initial global_batch_size, test_error (percent),
+      test_accuracy, test_loss, final_train_loss, parameter_updates, wall_seconds, plan
+      (`PhasePlan.to_dict`), per-epoch history and config.
+
+    Raises:
+      ValueError: duplicate run names, or any bad config (from `run_experiment`).
+    """
+    from tf_largebatch.experiment import run_experiment  # imports TensorFlow
+
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        _fail("runs", "runs with distinct names", names)
+    records = []
+    for i, run in enumerate(runs):
+        config = dataclasses.replace(run.config, model_dir=os.path.join(work_dir, run.name))
+        record = _record(run, run_experiment(config))
+        _log.info("%d/%d %s: test error %.2f%%", i + 1, len(runs), run.name, record["test_error"])
+        records.append(record)
+        if on_run is not None:
+            on_run(i, len(runs), record)
+    return records
+
+
+def summarize(
+    records: Sequence[dict[str, Any]], metric: str = "test_error"
+) -> list[dict[str, Any]]:
+    """Mean ± sample standard deviation (n − 1; 0 for one seed) of ``metric`` per (group, k).
+
+    Rows keep the order in which (group, k) first appears. Each has group, k,
+    global_batch_size, num_seeds, mean, std, min, max, parameter_updates (of the first seed:
+    equal for all seeds) and the ``metric`` name.
+
+    Example:
+      >>> rows = summarize([{"group": "a", "k": 1, "global_batch_size": 8, "test_error": e,
+      ...                    "parameter_updates": 10} for e in (1.0, 3.0)])
+      >>> rows[0]["mean"], rows[0]["std"]
+      (2.0, 1.4142135623730951)
+    """
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["group"], r["k"]), []).append(r)
+    rows = []
+    for (group, k), members in groups.items():
+        values = [float(m[metric]) for m in members]
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+        rows.append(
+            {
+                "group": group,
+                "k": k,
+                "global_batch_size": members[0]["global_batch_size"],
+                "metric": metric,
+                "num_seeds": len(values),
+                "mean": mean,
+                "std": math.sqrt(var),
+                "min": min(values),
+                "max": max(values),
+                "parameter_updates": members[0]["parameter_updates"],
+            }
+        )
+    return rows
+
+
+def mean_curve(
+    records: Sequence[dict[str, Any]], group: str, key: str, *, k: int = 1, x: str = "epoch"
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """A history field averaged over the seeds of one (group, k): x, mean, min and max.
+
+    ``x`` is a history field too (``"epoch"``, or ``"steps"``: updates at the epoch's end);
+    values are matched by epoch and x is taken from the first seed.
+
+    Raises:
+      ValueError: no record has this group and k.
+
+    Example:
+      >>> recs = [{"group": "a", "k": 1, "history": [{"epoch": 0, "steps": 5, "loss": v}]}
+      ...         for v in (1.0, 2.0)]
+      >>> mean_curve(recs, "a", "loss", x="steps")
+      ([5.0], [1.5], [1.0], [2.0])
+    """
+    members = [r for r in records if r["group"] == group and r["k"] == k]
+    if not members:
+        _fail("group", f"a group with k={k} among the records", group)
+    epochs = min(len(r["history"]) for r in members)
+    columns = [[float(r["history"][e][key]) for r in members] for e in range(epochs)]
+    xs = [float(members[0]["history"][e][x]) for e in range(epochs)]
+    return (
+        xs,
+        [sum(c) / len(c) for c in columns],
+        [min(c) for c in columns],
+        [max(c) for c in columns],
+    )
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    return f"{row['mean']:.2f} ± {row['std']:.2f}" if row else "–"
+
+
+def goyal_table(summary: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
+    """Final test error (%) mean ± std per k (rows) and variant (columns), as Markdown.
+
+    Like Goyal et al.'s Table 1 / Figure 3; k = 1 shows the reference in every column. The
+    last column is the gradual-warmup error minus the reference error (if both were run).
+    """
+    by = {(r["group"], r["k"]): r for r in summary}
+    reference = {r["k"]: r for r in summary if r["group"] == REFERENCE}.get(1)
+    ks = sorted({r["k"] for r in summary})
+    head = ["k", "kn", "updates", *(v.replace("_", " ") for v in variants), "Δ gradual − ref"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in ks:
+        rows = [reference if k == 1 else by.get((v, k)) for v in variants]
+        any_row = next(r for r in [*rows, reference] if r)
+        gradual = reference if k == 1 else by.get(("gradual_warmup", k))
+        delta = f"{gradual['mean'] - reference['mean']:+.2f}" if gradual and reference else "–"
+        cells = [str(k), str(any_row["global_batch_size"]), str(any_row["parameter_updates"])]
+        lines.append("| " + " | ".join([*cells, *map(_cell, rows), delta]) + " |")
+    return "\n".join(lines)
+
+
+def smith_table(summary: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> str:
+    """Final test accuracy (%) mean ± std and parameter updates per mode, as Markdown.
+
+    Updates are also given relative to ``decay_lr`` and accuracy as the difference from it (if
+    ``decay_lr`` was run). ``summary`` must come from ``summarize(records, "test_accuracy")``.
+    """
+    plans = {r["group"]: r["plan"] for r in records}
+    base = next((r for r in summary if r["group"] == "decay_lr"), None)
+    head = ["mode", "batch per phase", "lr per phase", "momentum", "updates", "updates / decay_lr"]
+    head += ["test accuracy %", "Δ vs decay_lr"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in summary:
+        phases = plans[row["group"]]["phases"]
+        acc = {key: 100 * row[key] for key in ("mean", "std")}
+        cells = [
+            row["group"],
+            ", ".join(str(p["global_batch_size"]) for p in phases),
+            ", ".join(f"{p['learning_rate']:.4g}" for p in phases),
+            f"{phases[0]['momentum']:g}",
+            str(row["parameter_updates"]),
+            f"{row['parameter_updates'] / base['parameter_updates']:.2f}" if base else "–",
+            _cell(acc),
+            f"{100 * (row['mean'] - base['mean']):+.2f}" if base else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 7 significant digits (float32 precision), inside lists and dicts too."""
+    if isinstance(value, float):
+        return float(f"{value:.7g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _write_csv(path: str, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(_rounded(list(rows)))
+
+
+def write_study(
+    output_dir: str,
+    prefix: str,
+    records: Sequence[dict[str, Any]],
+    summary: Sequence[dict[str, Any]],
+    **extra: Any,
+) -> list[str]:
+    """Writes a study's raw numbers; returns the paths written.
+
+    Files: ``{prefix}_results.json`` (``extra`` fields, ``summary`` and every record with its
+    history, plan and config), ``{prefix}_runs.csv`` (one row per run), ``{prefix}_history.csv``
+    (one row per run and epoch) and ``{prefix}_summary.csv`` (one row per group and k).
+    Floats are written to 7 significant digits (the training computes in float32).
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    paths = [os.path.join(output_dir, f"{prefix}_{n}") for n in ("results.json", "runs.csv")]
+    paths += [os.path.join(output_dir, f"{prefix}_{n}") for n in ("history.csv", "summary.csv")]
+    with open(paths[0], "w") as f:
+        json.dump(_rounded({**extra, "summary": list(summary), "runs": list(records)}), f)
+    _write_csv(paths[1], records, _RUN_KEYS)
+    history = [
+        {**{k: r[k] for k in ("name", "group", "k", "seed")}, **h}
+        for r in records
+        for h in r["history"]
+    ]
+    _write_csv(paths[2], history, ("name", "group", "k", "seed", *_HISTORY_KEYS))
+    _write_csv(paths[3], summary, list(summary[0]) if summary else ["group"])
+    return paths
