@@ -58,6 +58,7 @@ class ExperimentConfig:
       measure_noise_scale: estimate the gradient noise scale every step.
       adaptive_factor: batch growth factor of ``mode=adaptive``.
       adaptive_learning_rate_rule: ``linear``, ``sqrt`` or ``keep`` for a grown batch.
+      save_model: write ``model_dir/model.keras`` at the end.
       verbose: progress bar on (1) or off (0).
     """
 
@@ -93,6 +94,7 @@ class ExperimentConfig:
     measure_noise_scale: bool = False
     adaptive_factor: int = 2
     adaptive_learning_rate_rule: str = "linear"
+    save_model: bool = True
     verbose: int = 1
 
     def __post_init__(self) -> None:
@@ -199,6 +201,7 @@ def run_experiment(config: ExperimentConfig, *, on_plan: Any = None) -> dict[str
             ),
             adaptive_factor=config.adaptive_factor,
             adaptive_learning_rate_rule=config.adaptive_learning_rate_rule,
+            save_model=config.save_model,
         ),
         optimizer_fn=_optimizer_fn(config, plan),
         strategy=strategy,
