@@ -112,8 +112,35 @@ class TrainStep:
         g2 = trace = tf.constant(0.0)
         if measure:
             grads, g2, trace = self._noise_components(grads, small_sq, global_batch_size, num_micro)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        if measure and self.strategy.num_replicas_in_sync > 1:
+            self._apply_reduced(grads, variables)
+        else:
+            self.optimizer.apply_gradients(zip(grads, variables))
         return loss, correct, g2, trace
+
+    @tf.autograph.experimental.do_not_convert
+    def _apply_reduced(self, grads: list[Any], variables: list[Any]) -> None:
+        """Applies gradients that are all-reduced already.
+
+        Keras all-reduces inside ``apply_gradients`` in replica context (its TensorFlow
+        optimizer's ``_all_reduce_sum_gradients``). While this step is traced, that hook is
+        made the identity, so the all-reduce the noise measurement needed anyway is the only
+        one. If a Keras version lacks the hook, the gradients are divided by the replica count
+        instead and Keras's sum restores them (one more all-reduce, same result).
+        """
+        optimizers = [self.optimizer, getattr(self.optimizer, "inner_optimizer", None)]
+        optimizers = [o for o in optimizers if o is not None]
+        if not all(hasattr(o, "_all_reduce_sum_gradients") for o in optimizers):
+            replicas = self.strategy.num_replicas_in_sync
+            self.optimizer.apply_gradients(zip([g / replicas for g in grads], variables))
+            return
+        for o in optimizers:  # instance attributes shadow the class's method while tracing
+            vars(o)["_all_reduce_sum_gradients"] = lambda grads_and_vars: grads_and_vars
+        try:
+            self.optimizer.apply_gradients(zip(grads, variables))
+        finally:
+            for o in optimizers:
+                vars(o).pop("_all_reduce_sum_gradients", None)
 
     def _noise_components(
         self, grads: list[Any], small_sq: Any, global_batch_size: tf.Tensor, num_micro: int
@@ -128,7 +155,7 @@ class TrainStep:
                 tf.distribute.ReduceOp.SUM, [*grads, small_sq / replicas]
             )
             big_sq = squared_norm(reduced)
-            grads = [g / replicas for g in reduced]  # Keras sums these back to `reduced`
+            grads = reduced
         else:
             big_sq = squared_norm(grads)
         g2, trace = gradient_noise_components(
