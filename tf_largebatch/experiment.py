@@ -50,7 +50,8 @@ class ExperimentConfig:
       model_dir: output and checkpoint directory.
       seed: initialisation and shuffling seed.
       max_per_replica_batch_size: gradient accumulation beyond this per-replica batch.
-      steps_per_execution: training steps per compiled call.
+      steps_per_execution: training steps per compiled call (fewer host round trips; the
+        progress bar and checkpoints still land on exact steps).
       checkpoint_every_steps: extra checkpoints inside an epoch (0: per epoch only).
       scaled_momentum: Smith's momentum scaling target (None: off).
       jit_compile: XLA-compile the forward/backward pass.
@@ -86,7 +87,7 @@ class ExperimentConfig:
     model_dir: str = "/tmp/tf_largebatch"
     seed: int = 0
     max_per_replica_batch_size: int | None = None
-    steps_per_execution: int = 1
+    steps_per_execution: int = 8
     checkpoint_every_steps: int = 0
     scaled_momentum: float | None = None
     jit_compile: bool = False

@@ -266,20 +266,23 @@ class Trainer:
           x: inputs (with labels `y`), or a `tf.data.Dataset` of ``(x, y)`` batches.
           y: labels, when `x` is an array.
         """
-        if y is not None:
+        if y is not None:  # slices of two tensors: cheaper than a tf.data pipeline per call
+            x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
             size = self.config.eval_batch_size
-            x = tf.data.Dataset.from_tensor_slices((x, y)).batch(size)
+            batches = [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+        else:
+            batches = x
         if self._eval_step is None:
-            spec = x.element_spec
+            xs, ys = next(iter(batches))
             self._eval_step = tf.function(
                 self._eval_step_fn,
                 input_signature=[
-                    tf.TensorSpec([None, *spec[0].shape[1:]], spec[0].dtype),
-                    tf.TensorSpec([None, *spec[1].shape[1:]], spec[1].dtype),
+                    tf.TensorSpec([None, *xs.shape[1:]], xs.dtype),
+                    tf.TensorSpec([None, *ys.shape[1:]], ys.dtype),
                 ],
             )
         loss, correct, count = 0.0, 0.0, 0
-        for xb, yb in x:
+        for xb, yb in batches:
             batch_loss, batch_correct = self._eval_step(xb, yb)
             loss += float(batch_loss)
             correct += float(batch_correct)
@@ -346,11 +349,11 @@ class Trainer:
                 f"Argument `x` must hold the plan's dataset_size={self.plan.dataset_size} "
                 f"examples. Received: {source.num_examples} examples"
             )
-        evaluate = (
-            (lambda: self.evaluate(*validation_data))
-            if isinstance(validation_data, (tuple, list))
-            else (lambda: self.evaluate(validation_data))
-        )
+        if isinstance(validation_data, (tuple, list)):  # to tensors once, not every epoch
+            validation_data = tuple(tf.convert_to_tensor(v) for v in validation_data)
+            evaluate = lambda: self.evaluate(*validation_data)  # noqa: E731
+        else:
+            evaluate = lambda: self.evaluate(validation_data)  # noqa: E731
         if not self.plan.drop_remainder:
             raise ValueError("The Trainer needs a plan with drop_remainder=True.")
         tf.io.gfile.makedirs(cfg.model_dir)
