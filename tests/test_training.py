@@ -239,3 +239,22 @@ def test_adaptive_run_resumes_with_its_grown_plan(digits, tmp_path):
     assert resumed["parameter_updates"] == whole["parameter_updates"]
     assert resumed["phases"] == whole["phases"]
     assert resumed["weights_sha256"] == whole["weights_sha256"]
+
+
+def test_extra_validation_metrics(digits, tmp_path):
+    plan = plan_for(digits, epochs=2, decay_epochs=())
+    metrics = [
+        keras.metrics.SparseTopKCategoricalAccuracy(1, name="top1"),
+        keras.metrics.SparseTopKCategoricalAccuracy(3, name="top3"),
+    ]
+    trainer = Trainer(
+        mlp(digits),
+        plan,
+        TrainerConfig(model_dir=str(tmp_path), verbose=0),
+        metrics=metrics,
+        strategy=mirrored(2),
+    )
+    r = trainer.fit(digits.x_train, digits.y_train, validation_data=(digits.x_test, digits.y_test))
+    assert r["test_top1"] == pytest.approx(r["test_accuracy"])  # same quantity, two ways
+    assert r["test_top3"] >= r["test_top1"] and r["test_top3"] > 0.95
+    assert all("test_top3" in h for h in r["history"])

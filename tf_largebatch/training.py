@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -153,6 +153,9 @@ class Trainer:
       model_fn: builds the (uncompiled) model; called inside ``strategy.scope()``.
       plan: the batch-size phases to follow.
       config: a `TrainerConfig`.
+      metrics: extra Keras metrics computed on the validation data (e.g.
+        ``keras.metrics.SparseTopKCategoricalAccuracy(5)``), reported as ``test_<name>``;
+        loss and top-1 accuracy are always reported, for training and validation.
       loss: a Keras loss or its name, applied per example; default sparse categorical
         cross-entropy on logits.
       optimizer_fn: builds the optimizer from the plan's learning-rate schedule; default our
@@ -175,6 +178,7 @@ class Trainer:
         config: TrainerConfig,
         *,
         loss: Any = None,
+        metrics: Sequence[keras.metrics.Metric] = (),
         optimizer_fn: Callable[[Schedule], keras.optimizers.Optimizer] | None = None,
         strategy: tf.distribute.Strategy | None = None,
     ) -> None:
@@ -227,6 +231,7 @@ class Trainer:
             noise_estimator=self.noise_estimator,
         )
         self._eval_step: Any = None  # traced once, for any batch size, on first use
+        self.metrics = list(metrics)
 
     @property
     def trace_count(self) -> int:
@@ -257,6 +262,8 @@ class Trainer:
         logits = tf.cast(self.model(x, training=False), tf.float32)
         loss = tf.reduce_sum(tf.cast(self._loss_fn(y, logits), tf.float32))
         hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32))
+        for metric in self.metrics:
+            metric.update_state(y, logits)
         return loss, tf.reduce_sum(tf.cast(hits, tf.float32))
 
     def evaluate(self, x: Any, y: np.ndarray | None = None) -> dict[str, float]:
@@ -282,12 +289,15 @@ class Trainer:
                 ],
             )
         loss, correct, count = 0.0, 0.0, 0
+        for metric in self.metrics:
+            metric.reset_state()
         for xb, yb in batches:
             batch_loss, batch_correct = self._eval_step(xb, yb)
             loss += float(batch_loss)
             correct += float(batch_correct)
             count += int(xb.shape[0])
-        return {"loss": loss / count, "accuracy": correct / count}
+        extra = {m.name: float(keras.ops.convert_to_numpy(m.result())) for m in self.metrics}
+        return {"loss": loss / count, "accuracy": correct / count, **extra}
 
     # ---- resuming ---------------------------------------------------------------------------
 
@@ -395,8 +405,7 @@ class Trainer:
             )
             record["phase"] = phase_index
             if validation_data is not None:
-                metrics = evaluate()
-                record.update(test_loss=metrics["loss"], test_accuracy=metrics["accuracy"])
+                record.update({f"test_{k}": v for k, v in evaluate().items()})
             epoch += 1
             self.state.epoch.assign(epoch)
             self.state.step_in_epoch.assign(0)
@@ -413,8 +422,7 @@ class Trainer:
         if decisions:
             results["adaptive_decisions"] = decisions
         if validation_data is not None:
-            metrics = evaluate()
-            results.update(test_loss=metrics["loss"], test_accuracy=metrics["accuracy"])
+            results.update({f"test_{k}": v for k, v in evaluate().items()})
         self.state.write("results.json", results)
         if self.is_chief and cfg.save_model:
             self.model.save(os.path.join(cfg.model_dir, "model.keras"))
