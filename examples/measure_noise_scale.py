@@ -80,6 +80,7 @@ def main(argv):
         num_cpu_devices=FLAGS.num_cpu_devices,
         seed=FLAGS.seed,
         measure_noise_scale=True,
+        steps_per_execution=1,  # one point per step for the plot
         model_dir=os.path.join(FLAGS.output_dir, "run"),
         verbose=0,
     )
