@@ -190,7 +190,8 @@ class Trainer:
         self.is_chief = distribute_lib.is_chief(self.strategy)
         loss = loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self._loss_fn = _per_example_loss(loss)
-        if config.mixed_precision:
+        previous_policy = keras.mixed_precision.global_policy()
+        if config.mixed_precision:  # the policy the model's layers are built with
             keras.mixed_precision.set_global_policy(config.mixed_precision)
         with self.strategy.scope():
             keras.utils.set_random_seed(config.seed)
@@ -205,8 +206,7 @@ class Trainer:
             if config.mixed_precision == "mixed_float16":
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.model.trainable_variables)
-        if config.mixed_precision:
-            keras.mixed_precision.set_global_policy("float32")
+        keras.mixed_precision.set_global_policy(previous_policy)
         measure = config.measure_noise_scale or config.adaptive
         self.noise_estimator = (
             noise_lib.NoiseScaleEstimator(config.noise_scale_beta) if measure else None
