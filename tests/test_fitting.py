@@ -177,3 +177,34 @@ def test_model_fit_mirrored_goyal_schedule_and_reload(digits, tmp_path):
         [float(restored(s)) for s in steps], [float(schedule(s)) for s in steps]
     )
     assert int(keras.ops.convert_to_numpy(loaded.optimizer.iterations)) == it
+
+
+def test_tensorboard_callback_spans_phases(digits, tmp_path):
+    plan = plan_phases(
+        "grow_batch",
+        digits.num_train_examples,
+        4,
+        32,
+        0.1,
+        base_batch_size=32,
+        decay_epochs=(2,),
+        decay_factor=0.5,
+    )
+    model = make_model(digits)
+    model.compile(SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb"))
+    history = fit_phases(
+        model,
+        lambda b: make_dataset(digits.x_train, digits.y_train, b, seed=0, epochs=1),
+        plan,
+        callbacks=[board],
+        verbose=0,
+    )
+    assert history.epoch == [0, 1, 2, 3]
+    # Keras opens a writer per model.fit call (TensorBoard merges the files of one run dir);
+    # what matters is one epoch axis across phases, not restarting at 0 in each phase.
+    epochs_logged = []
+    for path in sorted((tmp_path / "tb" / "train").glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            epochs_logged += [event.step for v in event.summary.value if v.tag == "epoch_loss"]
+    assert sorted(epochs_logged) == [0, 1, 2, 3]
