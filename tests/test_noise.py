@@ -339,3 +339,25 @@ def test_grow_plan_splits_the_phase_and_rescales_later_phases():
         grow_plan(plan, 10, 256)
     with pytest.raises(ValueError, match="epoch"):
         grow_plan(plan, 90, 512)
+
+
+def test_adapt_plan_decides_at_epoch_ends():
+    from tf_largebatch import plan_phases
+    from tf_largebatch.noise import adapt_plan
+
+    plan = plan_phases(
+        "decay_lr", 10_000, 10, 32, 0.1, base_batch_size=32, decay_epochs=(8,), warmup_epochs=2
+    )
+    kwargs = dict(max_global_batch_size=256, multiple_of=2)
+    assert adapt_plan(plan, 1, 500.0, **kwargs) is None  # inside the warmup
+    assert adapt_plan(plan, 10, 500.0, **kwargs) is None  # past the end
+    assert adapt_plan(plan, 3, 40.0, **kwargs) is None  # B_simple < 2 × 32: stay
+    grown, decision = adapt_plan(plan, 3, 150.0, **kwargs)  # 32 → 128 (≤ 150, powers of 2)
+    assert decision == {
+        "epoch": 3,
+        "noise_scale": 150.0,
+        "from_global_batch_size": 32,
+        "to_global_batch_size": 128,
+        "learning_rate": pytest.approx(0.4),
+    }
+    assert [p.global_batch_size for p in grown.phases] == [32, 128, 128]

@@ -293,3 +293,43 @@ def grow_plan(
             )
         )
     return dataclasses.replace(plan, phases=tuple(phases), mode="adaptive")
+
+
+def adapt_plan(
+    plan: PhasePlan,
+    next_epoch: int,
+    b_simple: float,
+    *,
+    max_global_batch_size: int,
+    factor: int = 2,
+    multiple_of: int = 1,
+    rule: str = "linear",
+) -> tuple[PhasePlan, dict[str, Any]] | None:
+    """The adaptive policy's decision at an epoch end (pure Python).
+
+    Grows the batch of `next_epoch` on towards `b_simple` (`suggest_global_batch_size`) and
+    returns the grown plan (`grow_plan`) with a record of the decision, or None when the batch
+    stays (no growth suggested, or `next_epoch` is inside the warmup or past the end).
+    """
+    if next_epoch >= plan.epochs or next_epoch < plan.warmup_epochs:
+        return None
+    current = plan.phases[plan.phase_index(next_epoch)].global_batch_size
+    target = suggest_global_batch_size(
+        b_simple,
+        current,
+        max_global_batch_size=max_global_batch_size,
+        factor=factor,
+        multiple_of=multiple_of,
+        dataset_size=plan.dataset_size,
+    )
+    if target == current:
+        return None
+    grown = grow_plan(plan, next_epoch, target, rule)
+    decision = {
+        "epoch": next_epoch,
+        "noise_scale": b_simple,
+        "from_global_batch_size": current,
+        "to_global_batch_size": target,
+        "learning_rate": grown.phases[grown.phase_index(next_epoch)].learning_rate,
+    }
+    return grown, decision

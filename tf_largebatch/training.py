@@ -489,34 +489,20 @@ class Trainer:
 
     def _adapt(self, next_epoch: int, record: dict[str, Any]) -> dict[str, Any] | None:
         """At an epoch end: grow the batch towards the measured B_simple (adaptive mode)."""
-        cfg, plan = self.config, self.plan
-        if not cfg.adaptive or next_epoch >= plan.epochs or next_epoch < plan.warmup_epochs:
+        cfg = self.config
+        if not cfg.adaptive or int(self.noise_estimator.count.numpy()) < cfg.adaptive_min_steps:
             return None
-        if int(self.noise_estimator.count.numpy()) < cfg.adaptive_min_steps:
-            return None
-        current = plan.phases[plan.phase_index(next_epoch)].global_batch_size
-        b_simple = record["noise_scale"]
-        target = noise_lib.suggest_global_batch_size(
-            b_simple,
-            current,
+        adapted = noise_lib.adapt_plan(
+            self.plan, next_epoch, record["noise_scale"],
             max_global_batch_size=cfg.adaptive_max_global_batch_size,
-            factor=cfg.adaptive_factor,
-            multiple_of=self.num_replicas,
-            dataset_size=plan.dataset_size,
-        )
-        if target == current:
+            factor=cfg.adaptive_factor, multiple_of=self.num_replicas,
+            rule=cfg.adaptive_learning_rate_rule,
+        )  # fmt: skip
+        if adapted is None:
             return None
-        self._set_plan(
-            noise_lib.grow_plan(plan, next_epoch, target, cfg.adaptive_learning_rate_rule)
-        )
+        plan, decision = adapted
+        self._set_plan(plan)
         self.state.write_plan(self.initial_plan, self.plan)
-        decision = {
-            "epoch": next_epoch,
-            "noise_scale": b_simple,
-            "from_global_batch_size": current,
-            "to_global_batch_size": target,
-            "learning_rate": self.plan.phases[self.plan.phase_index(next_epoch)].learning_rate,
-        }
         _log.warning("adaptive batch: %s", decision)
         return decision
 
