@@ -66,6 +66,7 @@ flags.DEFINE_integer("max_per_replica_batch_size", None, "Accumulate gradients b
 flags.DEFINE_integer("steps_per_execution", _D.steps_per_execution, "Steps per compiled call.")
 flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps.")
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Evaluation batch size.")
+flags.DEFINE_integer("eval_every_epochs", _D.eval_every_epochs, "Evaluate every N epochs.")
 flags.DEFINE_integer("shuffle_buffer_size", _D.shuffle_buffer_size, "Shuffle buffer (examples).")
 flags.DEFINE_integer("verbose", 1, "1: progress bar, 0: quiet.")
 FLAGS = flags.FLAGS

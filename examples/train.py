@@ -70,6 +70,7 @@ flags.DEFINE_enum(
     ["linear", "sqrt", "keep"],
     "mode=adaptive: learning rate for a grown batch.",
 )
+flags.DEFINE_integer("eval_every_epochs", 1, "Evaluate on the test split every N epochs.")
 flags.DEFINE_integer("verbose", 1, "1: progress bar, 0: quiet.")
 FLAGS = flags.FLAGS
 

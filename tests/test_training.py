@@ -258,3 +258,10 @@ def test_extra_validation_metrics(digits, tmp_path):
     assert r["test_top1"] == pytest.approx(r["test_accuracy"])  # same quantity, two ways
     assert r["test_top3"] >= r["test_top1"] and r["test_top3"] > 0.95
     assert all("test_top3" in h for h in r["history"])
+
+
+def test_eval_every_epochs(digits, tmp_path):
+    plan = plan_for(digits, epochs=5, decay_epochs=())
+    _, r = train(digits, tmp_path, 1, plan, eval_every_epochs=2)
+    assert ["test_accuracy" in h for h in r["history"]] == [False, True, False, True, True]
+    assert r["test_accuracy"] == r["history"][-1]["test_accuracy"]  # not evaluated twice

@@ -60,6 +60,7 @@ class ExperimentConfig:
       adaptive_factor: batch growth factor of ``mode=adaptive``.
       adaptive_learning_rate_rule: ``linear``, ``sqrt`` or ``keep`` for a grown batch.
       save_model: write ``model_dir/model.keras`` at the end.
+      eval_every_epochs: evaluate on the test split every this many epochs (and the last).
       verbose: progress bar on (1) or off (0).
     """
 
@@ -96,6 +97,7 @@ class ExperimentConfig:
     adaptive_factor: int = 2
     adaptive_learning_rate_rule: str = "linear"
     save_model: bool = True
+    eval_every_epochs: int = 1
     verbose: int = 1
 
     def __post_init__(self) -> None:
@@ -203,6 +205,7 @@ def run_experiment(config: ExperimentConfig, *, on_plan: Any = None) -> dict[str
             adaptive_factor=config.adaptive_factor,
             adaptive_learning_rate_rule=config.adaptive_learning_rate_rule,
             save_model=config.save_model,
+            eval_every_epochs=config.eval_every_epochs,
         ),
         optimizer_fn=_optimizer_fn(config, plan),
         strategy=strategy,

@@ -61,6 +61,7 @@ class ImageNetConfig:
       steps_per_execution: training steps per compiled call.
       checkpoint_every_steps: extra checkpoints inside an epoch (0: epoch ends only).
       eval_batch_size: evaluation batch (each worker evaluates the whole validation split).
+      eval_every_epochs: evaluate every this many epochs (and after the last).
       shuffle_buffer_size: per-pipeline shuffle buffer, in examples.
       verbose: progress bar (1) or quiet (0).
     """
@@ -94,6 +95,7 @@ class ImageNetConfig:
     steps_per_execution: int = 1
     checkpoint_every_steps: int = 0
     eval_batch_size: int = 256
+    eval_every_epochs: int = 1
     shuffle_buffer_size: int = 10_000
     verbose: int = 1
 

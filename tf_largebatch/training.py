@@ -65,6 +65,8 @@ class TrainerConfig:
       checkpoint_every_steps: also checkpoint every this many steps of an epoch (0: epoch ends).
       max_checkpoints_to_keep: checkpoints kept by the `tf.train.CheckpointManager`.
       eval_batch_size: batch size of the evaluation pass.
+      eval_every_epochs: evaluate on the validation data every this many epochs (and after
+        the last one).
       verbose: 1 shows a `keras.utils.Progbar` per epoch on the chief, 0 is silent.
       jit_compile: XLA-compile the per-replica forward/backward pass.
       mixed_precision: ``None``, ``"mixed_float16"`` (with loss scaling) or
@@ -87,6 +89,7 @@ class TrainerConfig:
     checkpoint_every_steps: int = 0
     max_checkpoints_to_keep: int = 2
     eval_batch_size: int = 512
+    eval_every_epochs: int = 1
     verbose: int = 1
     jit_compile: bool = False
     mixed_precision: str | None = None
@@ -107,6 +110,7 @@ class TrainerConfig:
         check_non_negative_int("checkpoint_every_steps", self.checkpoint_every_steps)
         check_positive_int("max_checkpoints_to_keep", self.max_checkpoints_to_keep)
         check_positive_int("eval_batch_size", self.eval_batch_size)
+        check_positive_int("eval_every_epochs", self.eval_every_epochs)
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_momentum("noise_scale_beta", self.noise_scale_beta)
         if self.adaptive_max_global_batch_size is not None:
@@ -404,7 +408,8 @@ class Trainer:
                 iterator, epoch, phase, skip, stats, setup_start if switching else None
             )
             record["phase"] = phase_index
-            if validation_data is not None:
+            last = epoch + 1 == self.plan.epochs
+            if validation_data is not None and (last or (epoch + 1) % cfg.eval_every_epochs == 0):
                 record.update({f"test_{k}": v for k, v in evaluate().items()})
             epoch += 1
             self.state.epoch.assign(epoch)
@@ -421,7 +426,9 @@ class Trainer:
         results = self._results(history, stats, time.perf_counter() - wall_start)
         if decisions:
             results["adaptive_decisions"] = decisions
-        if validation_data is not None:
+        if history and "test_loss" in history[-1] and history[-1]["epoch"] == self.plan.epochs - 1:
+            results.update({k: v for k, v in history[-1].items() if k.startswith("test_")})
+        elif validation_data is not None:
             results.update({f"test_{k}": v for k, v in evaluate().items()})
         self.state.write("results.json", results)
         if self.is_chief and cfg.save_model:
