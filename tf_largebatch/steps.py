@@ -87,7 +87,7 @@ class TrainStep:
 
     def _replica_step(
         self, x: tf.Tensor, y: tf.Tensor, global_batch_size: tf.Tensor, num_micro: int
-    ) -> tuple[Any, Any, Any, Any]:
+    ) -> tuple[Any, Any, Any]:
         variables = self.model.trainable_variables
         measure = self.noise_estimator is not None
         small_sq = tf.constant(0.0)
@@ -116,7 +116,7 @@ class TrainStep:
             self._apply_reduced(grads, variables)
         else:
             self.optimizer.apply_gradients(zip(grads, variables))
-        return loss, correct, g2, trace
+        return tf.stack([loss, correct]), g2, trace
 
     @tf.autograph.experimental.do_not_convert
     def _apply_reduced(self, grads: list[Any], variables: list[Any]) -> None:
@@ -171,11 +171,12 @@ class TrainStep:
         sum_op = tf.distribute.ReduceOp.SUM
         for _ in tf.range(num_steps):
             x, y = next(iterator)
-            loss, correct, g2, trace = self.strategy.run(
+            both, g2, trace = self.strategy.run(
                 self._replica_step, args=(x, y, global_batch_size, num_micro)
             )
-            loss_sum += self.strategy.reduce(sum_op, loss, axis=None)
-            correct_sum += self.strategy.reduce(sum_op, correct, axis=None)
+            both = self.strategy.reduce(sum_op, both, axis=None)  # [loss, correct]: one reduction
+            loss_sum += both[0]
+            correct_sum += both[1]
             if self.noise_estimator is not None:  # identical on every replica: take the first
                 local = self.strategy.experimental_local_results
                 self.noise_estimator.update(local(g2)[0], local(trace)[0])
