@@ -139,6 +139,40 @@ def test_bias_correction_and_empty_state():
     assert int(estimator.count) == 0 and math.isnan(float(estimator.b_simple()))
 
 
+def test_non_finite_updates_are_skipped_and_counted():
+    """Issue 11's reproduction: one inf pair used to make B_simple NaN for good."""
+    estimator = NoiseScaleEstimator(beta=0.9)
+    estimator.update(float("inf"), float("inf"))
+    values = [float(estimator.update(1.0, 10.0)) for _ in range(3)]
+    assert values == pytest.approx([10.0, 10.0, 10.0], rel=1e-6)
+    assert int(estimator.count) == 3 and int(estimator.skipped) == 1
+    # Mixed finite/non-finite pairs and NaN are skipped too; the EMA is over the finite ones.
+    finite = [(2.0, 64.0), (1.0, 10.0), (0.5, 30.0)]
+    updates = [finite[0], (math.nan, 5.0), finite[1], (3.0, -math.inf), finite[2]]
+    estimator = NoiseScaleEstimator(beta=0.9)
+    for g2, trace in updates:
+        estimator.update(g2, trace)
+    g2s, traces = zip(*finite)
+    assert float(estimator.g2()) == pytest.approx(_numpy_ema(g2s, 0.9), rel=1e-6)
+    assert float(estimator.trace()) == pytest.approx(_numpy_ema(traces, 0.9), rel=1e-6)
+    assert float(estimator.b_simple()) == pytest.approx(
+        _numpy_ema(traces, 0.9) / _numpy_ema(g2s, 0.9), rel=1e-6
+    )
+    assert (int(estimator.count), int(estimator.skipped)) == (3, 2)
+    estimator.reset()
+    assert (int(estimator.count), int(estimator.skipped)) == (0, 0)
+
+
+def test_non_finite_updates_are_skipped_inside_tf_function():
+    estimator = NoiseScaleEstimator(beta=0.5)
+    g2s = tf.constant([np.inf, 2.0, np.nan, 4.0], tf.float32)
+    traces = tf.constant([np.inf, 8.0, 1.0, 4.0], tf.float32)
+    _feed(estimator, g2s, traces)
+    assert float(estimator.g2()) == pytest.approx(_numpy_ema([2.0, 4.0], 0.5), rel=1e-6)
+    assert float(estimator.trace()) == pytest.approx(_numpy_ema([8.0, 4.0], 0.5), rel=1e-6)
+    assert (int(estimator.count), int(estimator.skipped)) == (2, 2)
+
+
 def test_beta_zero_reports_last_update():
     estimator = NoiseScaleEstimator(beta=0.0)
     estimator.update(2.0, 8.0)
@@ -155,7 +189,7 @@ def test_estimator_rejects_bad_beta(beta):
 def test_estimator_variables_and_checkpoint_round_trip(tmp_path):
     estimator = NoiseScaleEstimator(beta=0.9, name="noise")
     assert {v.name for v in estimator.variables} == {
-        "noise/ema_g2:0", "noise/ema_trace:0", "noise/count:0"}  # fmt: skip
+        "noise/ema_g2:0", "noise/ema_trace:0", "noise/count:0", "noise/skipped:0"}  # fmt: skip
     assert not estimator.trainable_variables
     estimator.update(1.0, 30.0)
     estimator.update(0.5, 40.0)

@@ -98,9 +98,12 @@ class NoiseScaleEstimator(tf.Module):
 
     ``update(g2, trace)``: m ← β·m + (1 − β)·x for each, t ← t + 1; ``g2()``/``trace()`` report
     m/(1 − βᵗ) (Adam's bias correction), ``b_simple() = trace()/g2()``; all are **NaN** before
-    the first update (`suggest_global_batch_size` then keeps the batch). State: plain
-    non-trainable variables made in ``__init__`` (build it outside ``strategy.scope()``, update
-    in cross-replica context), tracked by `tf.train.Checkpoint`.
+    the first update (`suggest_global_batch_size` then keeps the batch). An update whose ``g2``
+    or ``trace`` is not finite (e.g. a float16 step the loss scaler skipped for overflow) leaves
+    the averages and t unchanged and adds 1 to ``skipped`` instead, so one bad step cannot turn
+    B_simple into NaN for the rest of the run (gpt-neox likewise drops overflowed steps before
+    its averages). State: plain non-trainable variables made in ``__init__`` (build it outside
+    ``strategy.scope()``, update in cross-replica context), tracked by `tf.train.Checkpoint`.
 
     Args:
       beta: EMA decay β in [0, 1); the average spans about 1/(1 − β) updates.
@@ -124,14 +127,22 @@ class NoiseScaleEstimator(tf.Module):
             self.ema_g2 = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="ema_g2")
             self.ema_trace = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="ema_trace")
             self.count = tf.Variable(0, trainable=False, dtype=tf.int64, name="count")
+            self.skipped = tf.Variable(0, trainable=False, dtype=tf.int64, name="skipped")
 
     def update(self, g2: Any, trace: Any) -> tf.Tensor:
-        """Folds one pair of estimates into the averages and returns the new `b_simple`."""
+        """Folds one pair of estimates into the averages and returns the new `b_simple`.
+
+        A pair with a non-finite member (inf or NaN) is not folded in: it only increments
+        ``skipped``. No Python control flow, so it traces into a `tf.function` unchanged.
+        """
         beta = tf.constant(self.beta, tf.float32)
         g2, trace = tf.cast(g2, tf.float32), tf.cast(trace, tf.float32)
-        self.ema_g2.assign(beta * self.ema_g2 + (1.0 - beta) * g2)
-        self.ema_trace.assign(beta * self.ema_trace + (1.0 - beta) * trace)
-        self.count.assign_add(1)
+        finite = tf.logical_and(tf.math.is_finite(g2), tf.math.is_finite(trace))
+        for ema, value in ((self.ema_g2, g2), (self.ema_trace, trace)):
+            # Select the value first: inf·0 would still be NaN in an arithmetic mask.
+            ema.assign(tf.where(finite, beta * ema + (1.0 - beta) * value, ema))
+        self.count.assign_add(tf.cast(finite, tf.int64))
+        self.skipped.assign_add(1 - tf.cast(finite, tf.int64))
         return self.b_simple()
 
     def _corrected(self, ema: tf.Variable) -> tf.Tensor:
@@ -151,8 +162,8 @@ class NoiseScaleEstimator(tf.Module):
         return self.trace() / self.g2()
 
     def reset(self) -> None:
-        """Forgets every update."""
-        for variable in (self.ema_g2, self.ema_trace, self.count):
+        """Forgets every update (and the count of skipped ones)."""
+        for variable in (self.ema_g2, self.ema_trace, self.count, self.skipped):
             variable.assign(tf.zeros_like(variable))
 
 
