@@ -182,11 +182,98 @@ def test_save_and_load_round_trip(tmp_path) -> None:
 def test_argument_errors() -> None:
     with pytest.raises(ValueError, match=r"`model` must be one of .*model='vgg'"):
         models.build_model("vgg", (8, 8, 1), 10)
-    with pytest.raises(ValueError, match=r"`input_shape`.*\(8, 8\)"):
-        models.build_model("mlp", (8, 8), 10)
+    with pytest.raises(ValueError, match=r"`input_shape`.*\(8, 8, 1, 1\)"):
+        models.build_model("mlp", (8, 8, 1, 1), 10)
+    with pytest.raises(ValueError, match=r"`input_shape`.*\(40, 0\)"):
+        models.build_model("cnn1d", (40, 0), 10)
+    with pytest.raises(ValueError, match=r"`input_shape`.*model='cnn1d'.*\(8, 8, 1\)"):
+        models.build_model("cnn1d", (8, 8, 1), 10)
+    with pytest.raises(ValueError, match=r"`input_shape`.*model='cnn'.*\(40, 1\)"):
+        models.build_model("cnn", (40, 1), 10)
+    with pytest.raises(ValueError, match=r"`input_shape`.*model='resnet20'.*\(40,\)"):
+        models.resolve_model_name("resnet20", (40,))
     with pytest.raises(ValueError, match=r"`num_classes`.*num_classes=0"):
         models.build_model("mlp", (8, 8, 1), 0)
     with pytest.raises(ValueError, match=r"`weight_decay`.*weight_decay=-0.1"):
         models.build_model("mlp", (8, 8, 1), 10, weight_decay=-0.1)
     with pytest.raises(ValueError, match=r"`seed`.*seed='a'"):
         models.build_model("mlp", (8, 8, 1), 10, seed="a")
+
+
+@pytest.mark.parametrize("shape", [(40, 1), (40,), (40, 3)])
+def test_auto_picks_mlp_for_signals(shape: tuple[int, ...]) -> None:
+    assert models.resolve_model_name("auto", shape) == "mlp"
+    assert models.resolve_model_name("cnn1d", shape) == "cnn1d"
+    assert models.resolve_model_name("mlp", shape) == "mlp"
+
+
+def test_mlp_on_signals() -> None:
+    model = models.build_model("mlp", (40, 1), 10, seed=0)
+    assert model.count_params() == 40 * 128 + 128 + 128 * 10 + 10 == 6538
+    x = np.random.default_rng(0).random((3, 40, 1)).astype(np.float32)
+    assert model(x).shape == (3, 10)
+
+
+def _conv1d_reference(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """PyTorch's Conv1d(stride=2, padding=1) + relu in NumPy, channels last: (N, L, C)."""
+    padded = np.pad(x, ((0, 0), (1, 1), (0, 0)))
+    width = kernel.shape[0]
+    starts = range(0, padded.shape[1] - width + 1, 2)
+    out = np.stack([np.einsum("nkc,kcf->nf", padded[:, s : s + width], kernel) for s in starts], 1)
+    return np.maximum(out + bias, 0.0)
+
+
+def test_cnn1d_is_mnist1d_convbase() -> None:
+    """Greydanus 2020 ConvBase: conv(1→25, k5) → conv(25→25, k3) → conv(25→25, k3) → FC."""
+    model = models.build_model("cnn1d", (40, 1), 10, seed=0)
+    assert [model.get_layer(f"conv{i}").output.shape for i in (1, 2, 3)] == [
+        (None, 19, 25),  # floor((40 + 2 - 5) / 2) + 1
+        (None, 10, 25),  # floor((19 + 2 - 3) / 2) + 1
+        (None, 5, 25),  # floor((10 + 2 - 3) / 2) + 1
+    ]
+    expected = (5 * 1 * 25 + 25) + 2 * (3 * 25 * 25 + 25) + (5 * 25 * 10 + 10)
+    assert model.count_params() == expected == 5210
+    flat = models.build_model("cnn1d", (40,), 10, seed=0)  # (L,) gets a channel axis
+    assert flat.count_params() == 5210
+    x = np.random.default_rng(1).normal(size=(4, 40, 1)).astype(np.float32)
+    h = x
+    for i in (1, 2, 3):
+        conv = model.get_layer(f"conv{i}")
+        h = _conv1d_reference(h, conv.kernel.numpy(), conv.bias.numpy())
+    fc = model.get_layer("logits")
+    reference = h.reshape(4, -1) @ fc.kernel.numpy() + fc.bias.numpy()
+    np.testing.assert_allclose(model(x).numpy(), reference, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(flat(x[..., 0]).numpy(), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_cnn1d_pytorch_default_initialisation() -> None:
+    """Kernels and biases U(±1/√fan_in): PyTorch's Conv1d/Linear defaults, as published."""
+    model = models.build_model("cnn1d", (40, 1), 10, seed=0)
+    for name, fan_in in [("conv1", 5), ("conv2", 75), ("conv3", 75), ("logits", 125)]:
+        layer = model.get_layer(name)
+        bound = fan_in**-0.5
+        for values in (layer.kernel.numpy(), layer.bias.numpy()):
+            assert np.abs(values).max() <= bound
+            assert np.abs(values).max() > 0.8 * bound  # spread over the whole interval
+        if name in ("conv2", "conv3"):  # 1,875 draws: std of U(±b) is b/√3
+            assert abs(layer.kernel.numpy().std() / (bound / np.sqrt(3)) - 1) < 0.05
+
+
+@pytest.mark.parametrize("name, shape", [("cnn1d", (40, 1)), ("mlp", (40, 1))])
+def test_signal_models_seed_deterministic(name: str, shape: tuple[int, ...]) -> None:
+    first = _weights(models.build_model(name, shape, 10, seed=5))
+    again = _weights(models.build_model(name, shape, 10, seed=5))
+    other = _weights(models.build_model(name, shape, 10, seed=6))
+    assert first.keys() == again.keys() == other.keys()
+    for path, value in first.items():
+        np.testing.assert_array_equal(value, again[path])
+    kernels = [path for path in first if path.endswith("/kernel")]
+    assert all(not np.array_equal(first[path], other[path]) for path in kernels)
+
+
+def test_cnn1d_weight_decay_on_kernels_only() -> None:
+    model = models.build_model("cnn1d", (40, 1), 10, weight_decay=1e-3, seed=0)
+    kernels = [v for v in model.trainable_weights if v.path.endswith("/kernel")]
+    assert len(model.losses) == len(kernels) == 4
+    expected = 1e-3 / 2 * sum(float(np.sum(v.numpy() ** 2)) for v in kernels)
+    np.testing.assert_allclose(float(sum(model.losses)), expected, rtol=1e-5)

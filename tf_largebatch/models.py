@@ -1,6 +1,7 @@
-"""A small zoo of reference models: mlp, cnn, CIFAR ResNet-20, ResNet-50 with zero-γ.
+"""A small zoo of reference models: mlp, cnn, cnn1d, CIFAR ResNet-20, ResNet-50 with zero-γ.
 
-Every model maps images (H, W, C) to logits (no softmax). ResNets follow Goyal et al. 2017:
+Every model maps its inputs — images (H, W, C), or 1-D signals (L, C) or (L,) for ``mlp`` and
+``cnn1d`` — to logits (no softmax). ResNets follow Goyal et al. 2017:
 
 * zero-γ: the last BatchNorm of every residual block starts with γ = 0, so each block starts
   as the identity and the network behaves like a shallower one early in training (§5.1);
@@ -18,6 +19,7 @@ al.'s setting (§2.3: BN statistics over the n examples of one worker).
 References:
   He et al. 2016, "Deep Residual Learning for Image Recognition", §4.2 (CIFAR ResNets).
   Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", §2.3, §3, §5.1.
+  Greydanus 2020, "Scaling Down Deep Learning" (MNIST-1D), the ``ConvBase`` baseline (cnn1d).
 """
 
 from __future__ import annotations
@@ -30,38 +32,59 @@ import keras
 
 from tf_largebatch._validation import _fail, check_choice, check_non_negative, check_positive_int
 
-MODEL_NAMES = ("auto", "mlp", "cnn", "resnet20", "resnet50")
+MODEL_NAMES = ("auto", "mlp", "cnn", "cnn1d", "resnet20", "resnet50")
+_SIGNAL_MODELS = ("mlp", "cnn1d")  # accept 1-D signals (L, C) or (L,)
+_IMAGE_MODELS = ("mlp", "cnn", "resnet20", "resnet50")  # accept images (H, W, C)
 _BN_MOMENTUM, _BN_EPSILON = 0.9, 1e-5
 _RESNET50_BLOCKS = (3, 4, 6, 3)
 
 
 def resolve_model_name(name: str, input_shape: Sequence[int]) -> str:
-    """Resolves ``"auto"`` to a concrete model for an input shape (H, W, C).
+    """Resolves ``"auto"`` to a concrete model for an input shape, and checks the pair.
 
-    Rule: H, W ≤ 16 → ``"mlp"`` (digits); H, W ≤ 32 and C = 1 → ``"cnn"`` (MNIST-like);
-    H, W ≤ 64 → ``"resnet20"`` (CIFAR-like); otherwise ``"resnet50"``. Other names pass through.
+    Rule for images (H, W, C): H, W ≤ 16 → ``"mlp"`` (digits); H, W ≤ 32 and C = 1 →
+    ``"cnn"`` (MNIST-like); H, W ≤ 64 → ``"resnet20"`` (CIFAR-like); otherwise ``"resnet50"``.
+    1-D signals (L, C) or (L,) (MNIST-1D) → ``"mlp"``. Other names pass through when they
+    accept the shape: ``"cnn1d"`` takes signals only; ``"cnn"`` and the ResNets take images
+    only; ``"mlp"`` takes both.
 
     Raises:
-      ValueError: unknown `name` (names ``model``) or `input_shape` not (H, W, C).
+      ValueError: unknown `name` (names ``model``), `input_shape` not (H, W, C), (L, C) or
+        (L,) of positive integers, or a model that cannot take that shape.
 
     Example:
       >>> resolve_model_name("auto", (8, 8, 1)), resolve_model_name("auto", (32, 32, 3))
       ('mlp', 'resnet20')
+      >>> resolve_model_name("auto", (40, 1)), resolve_model_name("cnn1d", (40, 1))
+      ('mlp', 'cnn1d')
     """
     check_choice("model", name, MODEL_NAMES)
     shape = tuple(input_shape)
-    if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
-        _fail("input_shape", "(height, width, channels) of positive integers", shape)
-    if name != "auto":
-        return name
-    height, width, channels = shape
-    if height <= 16 and width <= 16:
-        return "mlp"
-    if height <= 32 and width <= 32 and channels == 1:
-        return "cnn"
-    if height <= 64 and width <= 64:
-        return "resnet20"
-    return "resnet50"
+    if not 1 <= len(shape) <= 3 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        _fail(
+            "input_shape",
+            "(height, width, channels), (length, channels) or (length,) of positive integers",
+            shape,
+        )
+    is_image = len(shape) == 3
+    if name == "auto":
+        if not is_image:
+            return "mlp"
+        height, width, channels = shape
+        if height <= 16 and width <= 16:
+            return "mlp"
+        if height <= 32 and width <= 32 and channels == 1:
+            return "cnn"
+        if height <= 64 and width <= 64:
+            return "resnet20"
+        return "resnet50"
+    if is_image and name not in _IMAGE_MODELS:
+        _fail("input_shape", f"(length, channels) or (length,) for model={name!r}", shape)
+    if not is_image and name not in _SIGNAL_MODELS:
+        _fail("input_shape", f"(height, width, channels) for model={name!r}", shape)
+    return name
 
 
 class _Layers:
@@ -170,6 +193,45 @@ def _cnn(layers: _Layers, inputs: Any, num_classes: int) -> Any:
     return layers.dense(num_classes, "logits")(x)
 
 
+def _cnn1d(layers: _Layers, inputs: Any, num_classes: int) -> Any:
+    """MNIST-1D's ``ConvBase`` (Greydanus 2020): 3 × [conv1d(25) stride 2, pad 1, relu] → FC.
+
+    Kernels 5, 3, 3 (a length-40 signal becomes 19 → 10 → 5 positions, 5 × 25 = 125 features);
+    weights and biases drawn as PyTorch's defaults, U(±1/√fan_in), as in the published baseline.
+    """
+    x = inputs if len(inputs.shape) == 3 else keras.layers.Reshape((-1, 1), name="channels")(inputs)
+    for i, kernel in enumerate((5, 3, 3), start=1):
+        x = keras.layers.ZeroPadding1D(1, name=f"conv{i}_pad")(x)
+        fan_in = kernel * x.shape[-1]
+        x = keras.layers.Conv1D(
+            25,
+            kernel,
+            strides=2,
+            activation="relu",
+            name=f"conv{i}",
+            kernel_initializer=_torch_uniform(layers),
+            bias_initializer=_torch_uniform(layers, fan_in),
+            kernel_regularizer=layers.decay(),
+        )(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    return layers.dense(
+        num_classes,
+        "logits",
+        kernel_initializer=_torch_uniform(layers),
+        bias_initializer=_torch_uniform(layers, x.shape[-1]),
+    )(x)
+
+
+def _torch_uniform(layers: _Layers, fan_in: int | None = None) -> keras.initializers.Initializer:
+    """PyTorch's default init, U(±1/√fan_in): for kernels (fan_in from the shape) or biases."""
+    if fan_in is None:  # kaiming_uniform(a=√5): bound √(6 / ((1 + 5)·fan_in)) = 1/√fan_in
+        return keras.initializers.VarianceScaling(
+            1.0 / 3.0, "fan_in", "uniform", seed=layers.seed()
+        )
+    bound = fan_in**-0.5
+    return keras.initializers.RandomUniform(-bound, bound, seed=layers.seed())
+
+
 def _resnet20(layers: _Layers, inputs: Any, num_classes: int) -> Any:
     """He et al. §4.2 with n = 3: 3×3 conv(16), 3 stages × 3 basic blocks (16/32/64)."""
     x = layers.bn(layers.conv(inputs, 16, 3, 1, "stem_conv"), "stem_bn")
@@ -194,7 +256,13 @@ def _resnet50(layers: _Layers, inputs: Any, num_classes: int) -> Any:
     return layers.logits(x, num_classes)
 
 
-_BUILDERS = {"mlp": _mlp, "cnn": _cnn, "resnet20": _resnet20, "resnet50": _resnet50}
+_BUILDERS = {
+    "mlp": _mlp,
+    "cnn": _cnn,
+    "cnn1d": _cnn1d,
+    "resnet20": _resnet20,
+    "resnet50": _resnet50,
+}
 
 
 def build_model(
@@ -209,15 +277,19 @@ def build_model(
 
     Models: ``"mlp"`` Flatten → Dense(128, relu) → Dense(classes) (the offline default for
     digits); ``"cnn"`` 2 × [3×3 conv (32, 64) relu + 2×2 max pool] → Dense(128, relu) →
-    Dense(classes); ``"resnet20"`` He et al.'s CIFAR ResNet (0.27M parameters for 10
-    classes, 1×1 projection shortcuts when downsampling); ``"resnet50"`` ResNet-50 v1
-    bottlenecks (3, 4, 6, 3), 25.56M trainable parameters at 1000 classes; ``"auto"`` picks
-    one by input size (see `resolve_model_name`). ResNets carry Goyal et al.'s zero-γ,
+    Dense(classes); ``"cnn1d"`` MNIST-1D's published CNN (``ConvBase``, Greydanus 2020):
+    3 × [conv1d 25 channels, kernels 5/3/3, stride 2, padding 1, relu] → Dense(classes), 5,210
+    parameters for (40, 1) → 10, PyTorch-default U(±1/√fan_in) init; ``"resnet20"`` He et
+    al.'s CIFAR ResNet (0.27M parameters for 10 classes, 1×1 projection shortcuts when
+    downsampling); ``"resnet50"`` ResNet-50 v1 bottlenecks (3, 4, 6, 3), 25.56M trainable
+    parameters at 1000 classes; ``"auto"`` picks one by input size (see
+    `resolve_model_name`). ResNets carry Goyal et al.'s zero-γ,
     He-normal and N(0, 0.01²) FC initialisations (module docstring).
 
     Args:
       name: One of `MODEL_NAMES`.
-      input_shape: Image shape (H, W, C); ResNet-50 builds down to 8×8.
+      input_shape: Image shape (H, W, C) (ResNet-50 builds down to 8×8), or signal shape
+        (L, C) or (L,) for ``"mlp"`` and ``"cnn1d"``.
       num_classes: Number of logits.
       weight_decay: λ; adds (λ/2)‖w‖² per conv/dense kernel to ``model.losses`` (so the
         gradient is λw). BatchNorm γ/β and biases are not decayed. 0 adds nothing.
@@ -226,7 +298,7 @@ def build_model(
         (also inside a `strategy.scope()`). None: random.
 
     Returns:
-      A functional `keras.Model` named after the resolved model.
+      A functional `keras.Model` named after the resolved model, input named ``"images"``.
 
     Raises:
       ValueError: unknown `name` (names ``model``), bad `input_shape`, `num_classes`,
@@ -239,6 +311,7 @@ def build_model(
 
     References:
       Goyal et al. 2017, §5.1 (zero-γ, weight decay on weights only, FC init).
+      Greydanus 2020, "Scaling Down Deep Learning", MNIST-1D baselines (cnn1d).
     """
     resolved = resolve_model_name(name, input_shape)
     check_positive_int("num_classes", num_classes)
