@@ -1,6 +1,7 @@
 """Scaling rules and Smith's noise scale against their formulas."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -68,10 +69,52 @@ def test_noise_scale_rejects_bad_input(kwargs, name):
         noise_scale(**args)
 
 
+PURE_MODULES = ("_validation", "scaling", "phases")  # layer 1: no TensorFlow, no Keras
+
+_PURE_LOADER = """
+import importlib.util, pathlib, sys, types
+sys.modules["tensorflow"] = None  # any `import tensorflow` / `import keras` now fails
+sys.modules["keras"] = None
+package_dir = pathlib.Path(sys.argv[1])
+stub = types.ModuleType("tf_largebatch")  # the real __init__ imports Keras objects
+stub.__path__ = [str(package_dir)]
+sys.modules["tf_largebatch"] = stub
+for name in sys.argv[2:]:
+    spec = importlib.util.spec_from_file_location(
+        f"tf_largebatch.{name}", package_dir / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+plan = sys.modules["tf_largebatch.phases"].plan_phases(
+    "grow_batch", 1000, 10, 10, 0.1, decay_epochs=(5,))
+print(len(plan.phases), sorted(m for m in sys.modules if m.startswith("tf_largebatch.")))
+"""
+
+
 def test_planning_layer_imports_no_tensorflow():
-    code = (
-        "import sys, tf_largebatch, tf_largebatch.scaling, tf_largebatch.phases;"
-        "tf_largebatch.plan_phases('grow_batch', 1000, 10, 10, 0.1, decay_epochs=(5,));"
-        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported'"
+    """The pure modules load and plan with `tensorflow` and `keras` made unimportable."""
+    import tf_largebatch
+
+    package_dir = os.path.dirname(tf_largebatch.__file__)
+    result = subprocess.run(
+        [sys.executable, "-c", _PURE_LOADER, package_dir, *PURE_MODULES],
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert result.returncode == 0, result.stderr
+    expected = sorted(f"tf_largebatch.{name}" for name in PURE_MODULES)
+    assert result.stdout.strip() == f"2 {expected}"
+
+
+def test_pure_module_check_fails_on_a_tensorflow_import(tmp_path):
+    """The check above can fail: a module that imports TensorFlow does not load."""
+    (tmp_path / "bad.py").write_text("import tensorflow\n")
+    result = subprocess.run(
+        [sys.executable, "-c", _PURE_LOADER.split("plan =")[0], str(tmp_path), "bad"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "ModuleNotFoundError: import of tensorflow halted; None in sys.modules" in result.stderr

@@ -1,8 +1,12 @@
 """tf_largebatch: accurate, fast large-batch data-parallel training for TensorFlow/Keras.
 
-The pure-Python planning layer (scaling rules, batch-size phases) is imported eagerly and needs no
-TensorFlow; everything that needs TensorFlow is imported on first use, so
-``import tf_largebatch`` stays fast and TensorFlow-free until a Keras object is asked for.
+``import tf_largebatch`` imports the planning layer (scaling rules, batch-size phases, pure
+Python) and the Keras objects (`schedules`, `optimizers`) eagerly: importing them registers
+every Keras-serializable class of the package, so ``keras.models.load_model(path)`` of a model
+compiled with ``lb.SGD``, ``lb.LARS`` or a warmup schedule works after a plain
+``import tf_largebatch``. Everything else (data, models, distribution, training) is imported on
+first use (PEP 562 ``__getattr__``). The planning modules themselves (`scaling`, `phases`,
+`_validation`) still import no TensorFlow and can be used without it.
 """
 
 from __future__ import annotations
@@ -10,19 +14,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# `optimizers` and `schedules` are eager: importing them registers their Keras classes.
+from tf_largebatch.optimizers import LARS, SGD, Lamb
 from tf_largebatch.phases import Phase, PhasePlan, plan_phases
 from tf_largebatch.scaling import SCALING_RULES, noise_scale, scale_learning_rate
+from tf_largebatch.schedules import ConstantWarmup, LinearWarmup, goyal_schedule
 
 __version__ = "0.1.0"
 
-# Public name -> module that defines it (imported lazily: these modules import TensorFlow).
+# Public name -> module that defines it (imported on first use).
 _LAZY = {
-    "LinearWarmup": "schedules",
-    "ConstantWarmup": "schedules",
-    "goyal_schedule": "schedules",
-    "SGD": "optimizers",
-    "LARS": "optimizers",
-    "Lamb": "optimizers",
     "fit_phases": "fitting",
     "ArrayData": "data",
     "ArraySource": "data",
@@ -55,11 +56,17 @@ _LAZY = {
 }
 
 __all__ = [
+    "LARS",
+    "SGD",
+    "ConstantWarmup",
+    "Lamb",
+    "LinearWarmup",
     "SCALING_RULES",
     "Phase",
     "PhasePlan",
     "noise_scale",
     "plan_phases",
+    "goyal_schedule",
     "scale_learning_rate",
     *_LAZY,
 ]
