@@ -22,8 +22,11 @@ References:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +35,7 @@ from tf_largebatch._validation import (
     check_increasing,
     check_momentum,
     check_non_negative,
+    check_non_negative_int,
     check_positive,
     check_positive_int,
 )
@@ -43,7 +47,13 @@ WARMUPS = ("gradual", "constant", "none")
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """A run of whole epochs trained with one global batch size, learning rate and momentum.
+    """A run of steps trained with one global batch size, learning rate and momentum.
+
+    A phase is either *epoch-aligned* (``num_steps`` is None: it trains the whole epochs
+    ``start_epoch`` … ``end_epoch − 1``, ``steps_per_epoch`` steps each, from offset 0 of
+    ``start_epoch``) or *step-defined* (``num_steps`` set: it runs ``num_steps`` steps from
+    wherever the previous phase stopped, which may be inside an epoch; ``start_epoch`` is then
+    the epoch of its first step and ``end_epoch`` the epoch after the one it stops in).
 
     Attributes:
       start_epoch: first epoch of the phase (0-based, inclusive).
@@ -51,7 +61,8 @@ class Phase:
       global_batch_size: examples per parameter update, summed over all replicas.
       learning_rate: the learning rate after any warmup.
       momentum: the momentum coefficient m.
-      steps_per_epoch: parameter updates per epoch at this batch size.
+      steps_per_epoch: parameter updates per whole epoch at this batch size.
+      num_steps: the phase's length in steps when it is step-defined, else None.
     """
 
     start_epoch: int
@@ -60,6 +71,7 @@ class Phase:
     learning_rate: float
     momentum: float
     steps_per_epoch: int
+    num_steps: int | None = None
 
     @property
     def epochs(self) -> int:
@@ -67,11 +79,37 @@ class Phase:
 
     @property
     def steps(self) -> int:
+        if self.num_steps is not None:
+            return self.num_steps
         return self.epochs * self.steps_per_epoch
 
     @property
     def examples(self) -> int:
         return self.steps * self.global_batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A maximal run of steps that stays in one phase and one epoch (see `PhasePlan.segments`).
+
+    Epoch e is one pass over a permutation π_e of the data set; steps take consecutive global
+    batches from π_e. A segment's data are π_e[example_offset : example_offset +
+    num_steps·B] (B the phase's global batch; with ``drop_remainder=False`` the epoch's last
+    batch may be shorter).
+
+    Attributes:
+      phase_index: index of the phase in `PhasePlan.phases`.
+      epoch: the epoch (0-based) the segment's steps read from.
+      start_step: global step of the segment's first update.
+      num_steps: updates in the segment (> 0).
+      example_offset: examples of ``epoch`` consumed before ``start_step``.
+    """
+
+    phase_index: int
+    epoch: int
+    start_step: int
+    num_steps: int
+    example_offset: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +165,14 @@ class PhasePlan:
         return starts
 
     def phase_index(self, epoch: int) -> int:
-        """Index of the phase that trains `epoch` (0-based)."""
+        """Index of the phase that trains `epoch` (0-based); with phases inside an epoch, the
+        phase of the epoch's first step."""
         for i, p in enumerate(self.phases):
-            if p.start_epoch <= epoch < p.end_epoch:
+            if p.num_steps is None and p.start_epoch <= epoch < p.end_epoch:
                 return i
+        for seg in self._layout[0]:
+            if seg.epoch == epoch:
+                return seg.phase_index
         raise ValueError(f"Argument `epoch` must be in [0, {self.epochs}). Received: epoch={epoch}")
 
     def step_at_epoch(self, epoch: int) -> int:
@@ -139,14 +181,132 @@ class PhasePlan:
             return self.total_steps
         i = self.phase_index(epoch)
         p = self.phases[i]
-        return self.phase_start_steps()[i] + (epoch - p.start_epoch) * p.steps_per_epoch
+        if p.num_steps is None:
+            return self.phase_start_steps()[i] + (epoch - p.start_epoch) * p.steps_per_epoch
+        return next(seg.start_step for seg in self._layout[0] if seg.epoch == epoch)
 
     def epoch_at_step(self, step: int) -> float:
-        """The (fractional) epoch reached after `step` updates, through the plan's phases."""
+        """The (fractional) epoch reached after `step` updates, through the plan's phases.
+
+        Inside an epoch-aligned phase: start epoch + steps done / steps per epoch; inside a
+        step-defined phase: epoch + examples of it consumed / N (`position_at_step`).
+        """
         for start, p in zip(self.phase_start_steps(), self.phases):
             if step < start + p.steps:
-                return p.start_epoch + (step - start) / p.steps_per_epoch
+                if p.num_steps is None:
+                    return p.start_epoch + (step - start) / p.steps_per_epoch
+                epoch, offset = self.position_at_step(max(step, 0))
+                return epoch + offset / self.dataset_size
         return float(self.epochs)
+
+    def batch_size_at_step(self, step: int) -> int:
+        """The global batch of the update at `step` (0-based); the last phase's from
+        ``total_steps`` on, like `learning_rate_at_step`.
+
+        Raises:
+          ValueError: a negative or non-integer `step`.
+        """
+        step = _check_step(step)
+        batch = self.phases[0].global_batch_size
+        for start, p in zip(self.phase_start_steps(), self.phases):
+            if step >= start:
+                batch = p.global_batch_size
+        return batch
+
+    def segments(self) -> list[Segment]:
+        """The run as maximal runs of steps in one phase and one epoch, in step order.
+
+        Epoch e is one pass over a permutation π_e of the data set, and each step takes the
+        next global batch B (its phase's) from π_e. Before a step, if fewer than B examples
+        are left in the epoch (with ``drop_remainder=False``: none are left), the rest of the
+        epoch is dropped and the step starts epoch e + 1 at offset 0. A training loop builds
+        one pipeline per segment: epoch ``seg.epoch``'s permutation, skip
+        ``seg.example_offset`` examples, batch B, run ``seg.num_steps`` steps.
+
+        For a plan of epoch-aligned phases the segments are the (phase, epoch) pairs, each with
+        offset 0 and ``steps_per_epoch`` steps.
+
+        Returns:
+          A list of `Segment`s covering steps 0 … ``total_steps − 1`` without gap or overlap.
+
+        Raises:
+          ValueError: an epoch-aligned phase that does not start at offset 0 of its
+            ``start_epoch`` (the previous phase stopped elsewhere), or a batch larger than N.
+
+        Example:
+          >>> plan = plan_phases("grow_batch", 1000, 4, 100, 0.1, base_batch_size=100,
+          ...                    decay_epochs=(2,), decay_factor=0.5)
+          >>> [(s.phase_index, s.epoch, s.start_step, s.num_steps) for s in plan.segments()]
+          [(0, 0, 0, 10), (0, 1, 10, 10), (1, 2, 20, 5), (1, 3, 25, 5)]
+        """
+        return list(self._layout[0])
+
+    def position_at_step(self, step: int) -> tuple[int, int]:
+        """Where the update at `step` reads its batch: ``(epoch, example_offset)``.
+
+        Consistent with `segments`: inside a segment, offset = ``seg.example_offset`` +
+        (step − ``seg.start_step``)·B. At ``step == total_steps`` it is where the run stopped
+        (``(epochs, 0)`` when the last epoch was finished).
+
+        Raises:
+          ValueError: `step` outside [0, total_steps].
+        """
+        step = _check_step(step)
+        segments, end = self._layout
+        if step == self.total_steps:
+            return end
+        if step > self.total_steps:
+            raise ValueError(
+                f"Argument `step` must be in [0, {self.total_steps}]. Received: step={step}"
+            )
+        starts = [seg.start_step for seg in segments]
+        seg = segments[bisect.bisect_right(starts, step) - 1]
+        batch = self.phases[seg.phase_index].global_batch_size
+        return seg.epoch, seg.example_offset + (step - seg.start_step) * batch
+
+    @functools.cached_property
+    def _layout(self) -> tuple[tuple[Segment, ...], tuple[int, int]]:
+        """(segments, position after the last step), computed once per plan."""
+        n, drop = self.dataset_size, self.drop_remainder
+        segments: list[Segment] = []
+        epoch = offset = step = 0
+
+        def advance(epoch: int, offset: int, batch: int) -> tuple[int, int]:
+            left = n - offset
+            if left == 0 or (drop and left < batch):
+                return epoch + 1, 0
+            return epoch, offset
+
+        for i, p in enumerate(self.phases):
+            batch = p.global_batch_size
+            if batch > n:
+                raise ValueError(
+                    f"Argument `phases`: phase {i} has a global batch ({batch}) larger than "
+                    f"the data set ({n} examples). Received: global_batch_size={batch}"
+                )
+            if p.num_steps is None:
+                if p.steps and advance(epoch, offset, batch) != (p.start_epoch, 0):
+                    raise ValueError(
+                        f"Argument `phases` must be contiguous: phase {i} trains whole epochs "
+                        f"from epoch {p.start_epoch}, but the previous phase stops at epoch "
+                        f"{epoch}, example {offset} (give it `num_steps`). "
+                        f"Received: start_epoch={p.start_epoch}"
+                    )
+                for e in range(p.start_epoch, p.end_epoch):
+                    segments.append(Segment(i, e, step, p.steps_per_epoch, 0))
+                    step += p.steps_per_epoch
+                if p.steps:
+                    epoch, offset = p.end_epoch, 0
+                continue
+            left = p.num_steps
+            while left > 0:
+                epoch, offset = advance(epoch, offset, batch)
+                room = (n - offset) // batch if drop else -(-(n - offset) // batch)
+                k = min(left, room)
+                segments.append(Segment(i, epoch, step, k, offset))
+                step, left, offset = step + k, left - k, min(offset + k * batch, n)
+        end = advance(epoch, offset, self.phases[-1].global_batch_size)
+        return tuple(segments), end
 
     def learning_rate_at_step(self, step: int) -> float:
         """Pure-Python reference of `learning_rate_schedule()` at `step`."""
@@ -199,7 +359,7 @@ class PhasePlan:
             "total_steps": self.total_steps,
             "phases": [
                 {
-                    **dataclasses.asdict(p),
+                    **{k: v for k, v in dataclasses.asdict(p).items() if v is not None},
                     "steps": p.steps,
                     "examples": p.examples,
                     "noise_scale": self.noise_scale(p),
@@ -272,6 +432,14 @@ class PhasePlan:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def _check_step(step: Any) -> int:
+    """A global step as a Python int (NumPy integers accepted), >= 0."""
+    if isinstance(step, numbers.Integral) and not isinstance(step, bool):
+        step = int(step)
+    check_non_negative_int("step", step)
+    return step
 
 
 def steps_per_epoch(dataset_size: int, global_batch_size: int, drop_remainder: bool = True) -> int:
