@@ -42,6 +42,9 @@ from tf_largebatch._validation import (
 from tf_largebatch.scaling import noise_scale, scale_learning_rate
 
 MODES = ("decay_lr", "grow_batch", "hybrid")
+#: Modes whose phases start inside an epoch; `plan_phases` accepts them too. Kept out of
+#: `MODES` until the experiment config carries their arguments (``rampup_batch_size``).
+STEP_MODES = ("rampup",)
 WARMUPS = ("gradual", "constant", "none")
 
 
@@ -186,7 +189,8 @@ class PhasePlan:
         return next(seg.start_step for seg in self._layout[0] if seg.epoch == epoch)
 
     def epoch_at_step(self, step: int) -> float:
-        """The (fractional) epoch reached after `step` updates, through the plan's phases.
+        """The (fractional) epoch reached after `step` updates, through the plan's phases
+        (exactly ``start_epoch`` at an epoch-aligned phase's first step).
 
         Inside an epoch-aligned phase: start epoch + steps done / steps per epoch; inside a
         step-defined phase: epoch + examples of it consumed / N (`position_at_step`).
@@ -392,9 +396,14 @@ class PhasePlan:
             f"{'steps':>8} {'noise g':>10}"
         )
         rows = [header, "-" * len(header)]
-        for p in self.phases:
+        for start, p in zip(self.phase_start_steps(), self.phases):
+            if p.num_steps is None:
+                span = f"{p.start_epoch:>5}-{p.end_epoch:<5}"
+            else:  # a phase inside an epoch: fractional epochs at its first and after its last step
+                first, last = self.epoch_at_step(start), self.epoch_at_step(start + p.steps)
+                span = f"{first:>5.3g}-{last:<5.3g}"
             rows.append(
-                f"{p.start_epoch:>5}-{p.end_epoch:<5} {p.global_batch_size:>7} "
+                f"{span} {p.global_batch_size:>7} "
                 f"{p.learning_rate:>9.4g} {p.momentum:>8.4g} {p.steps_per_epoch:>8} "
                 f"{p.steps:>8} {self.noise_scale(p):>10.4g}"
             )
@@ -421,7 +430,7 @@ class PhasePlan:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        edges = [p.start_epoch for p in self.phases] + [self.epochs]
+        edges = [self.epoch_at_step(s) for s in self.phase_start_steps()] + [self.epochs]
         lrs = [p.learning_rate for p in self.phases]
         batches = [p.global_batch_size for p in self.phases]
         fig, (ax_lr, ax_b) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -473,8 +482,9 @@ def plan_phases(
     drop_remainder: bool = True,
     scaled_momentum: float | None = None,
     warmup_initial_learning_rate: float | None = None,
+    rampup_batch_size: Sequence[int] | None = None,
 ) -> PhasePlan:
-    """Plans batch-size phases from a step-decay recipe.
+    """Plans batch-size phases from a step-decay recipe, or a batch ramp-up.
 
     The initial learning rate is ``scale_learning_rate(base_learning_rate, global_batch_size,
     base_batch_size, scaling_rule)``. At each of ``decay_epochs`` the recipe multiplies the
@@ -482,8 +492,18 @@ def plan_phases(
     ``1/decay_factor`` (rounded to the nearest integer), ``"hybrid"`` does so while the batch
     stays ≤ ``max_global_batch_size`` and decays the learning rate after.
 
+    ``"rampup"`` grows the batch inside the run, Megatron-LM's ``--rampup-batch-size start
+    increment ramp_samples``: before each step, with c the examples trained so far and
+    K = (``global_batch_size`` − start)/increment increments,
+
+        B(c) = min(global_batch_size, start + increment·⌊c / (ramp_samples/K)⌋),
+
+    so phases start at any step (`Phase.num_steps`), inside an epoch; each phase's learning
+    rate is ``scale_learning_rate(base_learning_rate, B, base_batch_size, scaling_rule)``
+    (``scaling_rule="none"`` keeps it put). Epochs still drop only their last partial batch.
+
     Args:
-      mode: ``"decay_lr"``, ``"grow_batch"`` or ``"hybrid"``.
+      mode: ``"decay_lr"``, ``"grow_batch"``, ``"hybrid"`` or ``"rampup"``.
       dataset_size: training examples N.
       epochs: total epochs.
       global_batch_size: the initial global batch B₀.
@@ -502,6 +522,10 @@ def plan_phases(
       warmup_initial_learning_rate: start of the gradual ramp (or the constant warmup rate);
         defaults to the unscaled ``base_learning_rate`` (Goyal §2.2), or the scaled rate if
         that is lower (k < 1: nothing to warm up); 0 is allowed.
+      rampup_batch_size: ``(start, increment, ramp_samples)`` for ``mode="rampup"`` (and only
+        then): 0 < start < ``global_batch_size``, (``global_batch_size`` − start) a whole
+        multiple of increment, ramp_samples > 0 examples. ``decay_epochs``,
+        ``max_global_batch_size`` and ``scaled_momentum`` do not apply to it.
 
     Returns:
       A `PhasePlan`.
@@ -514,8 +538,16 @@ def plan_phases(
       ...                    decay_epochs=(60, 120, 160), decay_factor=0.2)
       >>> [p.global_batch_size for p in plan.phases]
       [128, 640, 3200, 16000]
+      >>> ramp = plan_phases("rampup", 10_000, 1, 128, 0.1, base_batch_size=32,
+      ...                    rampup_batch_size=(32, 32, 3000))
+      >>> [(p.global_batch_size, p.num_steps) for p in ramp.phases]
+      [(32, 32), (64, 16), (96, 10), (128, 54)]
+
+    References:
+      Megatron-LM, ``megatron/core/num_microbatches_calculator.py``
+      (``RampupBatchsizeNumMicroBatchesCalculator``).
     """
-    check_choice("mode", mode, MODES)
+    check_choice("mode", mode, MODES + STEP_MODES)
     check_positive_int("dataset_size", dataset_size)
     check_positive_int("epochs", epochs)
     check_positive_int("global_batch_size", global_batch_size)
@@ -552,6 +584,35 @@ def plan_phases(
             )
     if mode == "hybrid" and max_global_batch_size is None:
         raise ValueError("Argument `max_global_batch_size` is required for mode='hybrid'.")
+    if mode == "rampup":
+        for name, value, unset in (
+            ("decay_epochs", decay_epochs, ()),
+            ("max_global_batch_size", max_global_batch_size, None),
+            ("scaled_momentum", scaled_momentum, None),
+        ):
+            if value != unset:
+                raise ValueError(
+                    f"Argument `{name}` does not apply to mode='rampup'. Received: {name}={value}"
+                )
+        return _plan_rampup(
+            dataset_size,
+            epochs,
+            global_batch_size,
+            rampup_batch_size,
+            base_learning_rate=base_learning_rate,
+            base_batch_size=base_batch_size,
+            scaling_rule=scaling_rule,
+            momentum=momentum,
+            drop_remainder=drop_remainder,
+            warmup=warmup,
+            warmup_epochs=warmup_epochs,
+            warmup_initial_learning_rate=warmup_initial_learning_rate,
+        )
+    if rampup_batch_size is not None:
+        raise ValueError(
+            "Argument `rampup_batch_size` applies only to mode='rampup'. "
+            f"Received: rampup_batch_size={rampup_batch_size}"
+        )
 
     learning_rate = scale_learning_rate(
         base_learning_rate, global_batch_size, base_batch_size, scaling_rule
@@ -615,3 +676,183 @@ def plan_phases(
         warmup_epochs=warmup_epochs if warmup != "none" else 0,
         warmup_initial_learning_rate=warmup_initial_learning_rate,
     )
+
+
+def plan_from_examples(
+    dataset_size: int,
+    epochs: int,
+    global_batch_sizes: Sequence[int],
+    learning_rates: Sequence[float],
+    boundary_examples: Sequence[int],
+    momentum: float = 0.9,
+    drop_remainder: bool = True,
+    mode: str = "custom",
+) -> PhasePlan:
+    """A plan whose phases change after given numbers of trained examples, at any step.
+
+    Phase i trains while the examples trained so far c (before the step) are
+    < ``boundary_examples[i]``; the last phase trains to the end of epoch ``epochs − 1``.
+    Steps walk the epochs as in `PhasePlan.segments` (an epoch's last partial batch is
+    dropped, or kept with ``drop_remainder=False``), so a phase changes inside an epoch
+    without repeating or skipping an example. A phase that the boundaries leave no step is
+    left out.
+
+    Args:
+      dataset_size: training examples N.
+      epochs: the run's length in epochs.
+      global_batch_sizes: the batch of each phase, each in [1, N].
+      learning_rates: the learning rate of each phase (> 0).
+      boundary_examples: ``len(global_batch_sizes) − 1`` non-decreasing example counts > 0
+        (equal ones skip a phase).
+      momentum: momentum m of every phase.
+      drop_remainder: whether an epoch drops its last partial batch.
+      mode: recorded in the plan.
+
+    Returns:
+      A `PhasePlan` of step-defined phases (`Phase.num_steps`).
+
+    Raises:
+      ValueError: naming the argument and value, for lengths that differ, batches outside
+        [1, N], decreasing boundaries.
+
+    Example:
+      >>> plan = plan_from_examples(100, 2, [30, 50], [0.1, 0.2], boundary_examples=[60])
+      >>> [(p.global_batch_size, p.num_steps, p.start_epoch, p.end_epoch) for p in plan.phases]
+      [(30, 2, 0, 1), (50, 2, 1, 2)]
+    """
+    check_positive_int("dataset_size", dataset_size)
+    check_positive_int("epochs", epochs)
+    check_momentum("momentum", momentum)
+    batches, rates, bounds = list(global_batch_sizes), list(learning_rates), list(boundary_examples)
+    if not batches or len(rates) != len(batches) or len(bounds) != len(batches) - 1:
+        raise ValueError(
+            "Arguments `global_batch_sizes`, `learning_rates` and `boundary_examples` must have "
+            "lengths n > 0, n and n − 1. Received: "
+            f"global_batch_sizes={batches}, learning_rates={rates}, boundary_examples={bounds}"
+        )
+    for b in batches:
+        check_positive_int("global_batch_sizes", b)
+        if b > dataset_size:
+            raise ValueError(
+                f"Argument `global_batch_sizes` must hold batches <= dataset_size "
+                f"({dataset_size}). Received: global_batch_sizes={batches}"
+            )
+    for r in rates:
+        check_positive("learning_rates", r)
+    for c in bounds:
+        check_positive_int("boundary_examples", c)
+    if any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(
+            f"Argument `boundary_examples` must be non-decreasing. Received: boundary_examples="
+            f"{bounds}"
+        )
+
+    n = dataset_size
+    runs: list[list[int]] = []  # [phase, steps, first epoch, last epoch]
+    epoch = offset = consumed = 0
+    i = 0
+    while True:
+        while i < len(bounds) and consumed >= bounds[i]:
+            i += 1
+        batch = batches[i]
+        left = n - offset
+        if left == 0 or (drop_remainder and left < batch):
+            epoch, offset, left = epoch + 1, 0, n
+        if epoch >= epochs:
+            break
+        room = left // batch or 1  # ≥ 1 full batch, or (kept) the epoch's last partial one
+        if i < len(bounds):  # steps until c reaches the next boundary
+            room = min(room, -(-(bounds[i] - consumed) // batch))
+        taken = min(room * batch, left)
+        if runs and runs[-1][0] == i:
+            runs[-1][1] += room
+            runs[-1][3] = epoch
+        else:
+            runs.append([i, room, epoch, epoch])
+        offset, consumed = offset + taken, consumed + taken
+    phases = tuple(
+        Phase(
+            start_epoch=first,
+            end_epoch=last + 1,
+            global_batch_size=batches[i],
+            learning_rate=float(rates[i]),
+            momentum=momentum,
+            steps_per_epoch=steps_per_epoch(n, batches[i], drop_remainder),
+            num_steps=steps,
+        )
+        for i, steps, first, last in runs
+    )
+    return PhasePlan(phases=phases, mode=mode, dataset_size=n, drop_remainder=drop_remainder)
+
+
+def _plan_rampup(
+    dataset_size: int,
+    epochs: int,
+    global_batch_size: int,
+    rampup_batch_size: Sequence[int] | None,
+    *,
+    base_learning_rate: float,
+    base_batch_size: int,
+    scaling_rule: str,
+    momentum: float,
+    drop_remainder: bool,
+    warmup: str,
+    warmup_epochs: float,
+    warmup_initial_learning_rate: float | None,
+) -> PhasePlan:
+    """``plan_phases("rampup", ...)``: Megatron's batch ramp-up as examples boundaries."""
+    value = rampup_batch_size
+    if (
+        value is None
+        or isinstance(value, str)
+        or len(value) != 3
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
+    ):
+        raise ValueError(
+            "Argument `rampup_batch_size` must be three integers (start, increment, "
+            f"ramp_samples) for mode='rampup'. Received: rampup_batch_size={value}"
+        )
+    start, increment, ramp_samples = value
+    if not 0 < start < global_batch_size or increment <= 0 or ramp_samples <= 0:
+        raise ValueError(
+            "Argument `rampup_batch_size` must have 0 < start < global_batch_size "
+            f"({global_batch_size}), increment > 0 and ramp_samples > 0. "
+            f"Received: rampup_batch_size={tuple(value)}"
+        )
+    if (global_batch_size - start) % increment:
+        raise ValueError(
+            "Argument `rampup_batch_size` must have (global_batch_size − start) a whole number "
+            f"of increments: ({global_batch_size} − {start}) / {increment} is not. "
+            f"Received: rampup_batch_size={tuple(value)}"
+        )
+    if global_batch_size > dataset_size:
+        raise ValueError(
+            f"Argument `global_batch_size` must be <= dataset_size ({dataset_size}). "
+            f"Received: global_batch_size={global_batch_size}"
+        )
+    k = (global_batch_size - start) // increment
+    batches = [start + j * increment for j in range(k + 1)]
+    # B(c) = start + increment·⌊c·K/ramp⌋ reaches start + j·increment at c ≥ ⌈j·ramp/K⌉.
+    bounds = [-(-j * ramp_samples // k) for j in range(1, k + 1)]
+    rates = [
+        scale_learning_rate(base_learning_rate, b, base_batch_size, scaling_rule) for b in batches
+    ]
+    plan = plan_from_examples(
+        dataset_size, epochs, batches, rates, bounds, momentum, drop_remainder, mode="rampup"
+    )
+    if warmup_initial_learning_rate is None:
+        warmup_initial_learning_rate = min(float(base_learning_rate), plan.phases[0].learning_rate)
+    check_non_negative("warmup_initial_learning_rate", warmup_initial_learning_rate)
+    plan = dataclasses.replace(
+        plan,
+        warmup=warmup if warmup_epochs > 0 else "none",
+        warmup_epochs=warmup_epochs if warmup != "none" else 0,
+        warmup_initial_learning_rate=warmup_initial_learning_rate,
+    )
+    if plan.warmup_steps > plan.phases[0].steps:
+        raise ValueError(
+            f"Argument `warmup_epochs` must end within the first ramp-up phase "
+            f"({plan.phases[0].steps} steps at batch {start}); it lasts {plan.warmup_steps} "
+            f"steps. Received: warmup_epochs={warmup_epochs}"
+        )
+    return plan
