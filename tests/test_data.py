@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -61,14 +63,15 @@ def test_npz_round_trip(tmp_path) -> None:
     x_train = rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)  # (N, H, W) uint8
     x_test = rng.random((3, 5, 4, 1)).astype(np.float32)  # already scaled
     path = tmp_path / "toy.npz"
-    y_train, y_test = np.array([0, 1, 2, 3, 4, 0]), np.array([[1], [6], [2]])
+    y_train, y_test = np.array([0, 1, 2, 3, 6, 0]), np.array([[1.0], [6.0], [2.0]])
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     d = data.load_data(f"npz:{path}")
     assert d.name == f"npz:{path}" and d.input_shape == (5, 4, 1)
     np.testing.assert_array_equal(d.x_train[..., 0], x_train.astype(np.float32) / 255.0)
     np.testing.assert_array_equal(d.x_test, x_test)
-    np.testing.assert_array_equal(d.y_test, [1, 6, 2])
-    assert d.y_train.dtype == np.int32 and d.num_classes == 7  # max label 6 (test) + 1
+    np.testing.assert_array_equal(d.y_test, [1, 6, 2])  # whole-number floats converted
+    assert d.y_test.dtype == np.int32 and d.y_train.dtype == np.int32
+    assert d.num_classes == 7  # max label 6 + 1
 
 
 def test_npz_missing_arrays_are_named(tmp_path) -> None:
@@ -93,6 +96,146 @@ def test_tfds_mock_mnist() -> None:
     assert d.num_classes == 10 and d.y_train.min() >= 0 and d.y_train.max() < 10
     assert d.x_train.min() >= 0.0 and d.x_train.max() <= 1.0
     np.testing.assert_allclose(d.x_train * 255.0, np.round(d.x_train * 255.0), atol=1e-4)
+
+
+def test_tfds_name_not_prepared_fails_fast_with_one_line(tmp_path) -> None:
+    """Offline, no download is attempted: one line naming data_dir, --data_dir and npz:."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        data.load_data("mnist", data_dir=str(tmp_path))
+    assert time.monotonic() - start < 10  # was 212 s of download retries
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == (
+        f"Argument `dataset` names a TFDS data set not found in data_dir={str(tmp_path)!r} (no "
+        "download is attempted); prepare it first with a network (`tfds build mnist "
+        "--data_dir=DIR`) and pass --data_dir=DIR, or use npz:PATH. Received: dataset='mnist'"
+    )
+    assert not list(tmp_path.rglob("*.tfrecord*"))  # nothing downloaded or prepared
+
+
+def test_npz_that_is_not_an_archive_is_named(tmp_path) -> None:
+    path = tmp_path / "notes.npz"
+    path.write_text("not a zip file\n")
+    with pytest.raises(ValueError, match="a NumPy .npz archive") as info:
+        data.load_data(f"npz:{path}")
+    assert f"{str(path)!r} is not one" in str(info.value)
+    pickled = tmp_path / "objects.npz"  # a real archive holding pickled object arrays
+    objects = np.array([{"a": 1}, None], dtype=object)
+    np.savez(pickled, x_train=objects, y_train=objects, x_test=objects, y_test=objects)
+    with pytest.raises(ValueError, match="readable .npz archive of plain arrays") as info:
+        data.load_data(f"npz:{pickled}")
+    assert str(pickled) in str(info.value)
+
+
+def _save_npz(path, y_train, y_test) -> str:
+    n, m = len(y_train), len(y_test)
+    np.savez(path, x_train=np.zeros((n, 2, 2)), y_train=y_train, x_test=np.zeros((m, 2, 2)),
+             y_test=y_test)  # fmt: skip
+    return f"npz:{path}"
+
+
+@pytest.mark.parametrize(
+    "y_train, y_test, array, requirement, value",
+    [
+        ([0, -1, 2], [0], "y_train", ">= 0", "-1"),
+        ([0, 1, 2], [1, -3], "y_test", ">= 0", "-3"),
+        ([0.0, 1.5, 2.0], [1.0], "y_train", "whole numbers", "1.5"),
+        ([0.0, 1.0], [np.nan], "y_test", "whole numbers", "nan"),
+        (["a", "b"], ["a"], "y_train", "integers", "'a'"),
+    ],
+)
+def test_bad_labels_name_the_array_and_value(
+    tmp_path, y_train, y_test, array, requirement, value
+) -> None:
+    name = _save_npz(tmp_path / "labels.npz", np.array(y_train), np.array(y_test))
+    with pytest.raises(ValueError) as info:
+        data.load_data(name)
+    assert str(info.value) == (
+        f"Argument `dataset` must have {array} labels that are {requirement}. "
+        f"Received: dataset={name!r} with {array} label {value}"
+    )
+
+
+def test_test_labels_absent_from_training(tmp_path) -> None:
+    name = _save_npz(tmp_path / "labels.npz", np.array([0, 1, 1]), np.array([1, 2, 5]))
+    with pytest.raises(ValueError) as info:
+        data.load_data(name)
+    assert str(info.value) == (
+        "Argument `dataset` must have every y_test label among the y_train labels. "
+        f"Received: dataset={name!r} with y_test label 2 absent from y_train (2 such labels)"
+    )
+
+
+def test_labels_at_or_above_a_known_class_count() -> None:
+    x = np.zeros((3, 2, 2, 1), np.float32)
+    with pytest.raises(ValueError, match=r"y_train labels that are < num_classes=3\. .*label 3$"):
+        data._arrays("tfds_like", x, [0, 1, 3], x, [0, 1, 1], 3)
+    d = data._arrays("tfds_like", x, [0, 1, 2], x, [0.0, 1.0, 2.0], 5)
+    assert d.num_classes == 5 and d.y_test.tolist() == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_mnist1d_is_the_published_benchmark() -> None:
+    d = data.load_data("mnist1d")
+    assert d.name == "mnist1d" and d.num_classes == 10 and data.MNIST1D_NUM_EXAMPLES == 5000
+    assert d.x_train.shape == (4000, 40, 1) and d.x_test.shape == (1000, 40, 1)
+    assert d.input_shape == (40, 1) and d.x_train.dtype == np.float32
+    assert d.y_train.dtype == np.int32 and set(np.unique(d.y_train)) == set(range(10))
+    assert d.y_test.min() == 0 and d.y_test.max() == 9
+    # 500 examples of each class in all (5,000 // 10), shuffled together.
+    counts = np.bincount(d.y_train, minlength=10) + np.bincount(d.y_test, minlength=10)
+    assert counts.tolist() == [500] * 10
+    # Standardised over the whole set (train and test together) by make_dataset.
+    whole = np.concatenate([d.x_train, d.x_test])
+    assert float(whole.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(whole.std()) == pytest.approx(1.0, abs=1e-5)
+    assert data.load_data("mnist1d").x_train is d.x_train  # cached per process
+
+
+def test_mnist1d_is_the_package_procedure_and_leaves_global_rngs_alone() -> None:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    np.random.seed(123)
+    random.seed(123)
+    before = np.random.get_state()[1].copy(), random.getstate()
+    d = data.load_data("mnist1d:500")
+    np.testing.assert_array_equal(np.random.get_state()[1], before[0])
+    assert random.getstate() == before[1]
+    # The package's own procedure with its published arguments (seed 42, 80/20 split).
+    args = get_dataset_args()
+    args.num_samples = 500
+    reference = make_dataset(args)
+    np.testing.assert_array_equal(d.x_train[..., 0], reference["x"].astype(np.float32))
+    np.testing.assert_array_equal(d.x_test[..., 0], reference["x_test"].astype(np.float32))
+    np.testing.assert_array_equal(d.y_train, reference["y"])
+    np.testing.assert_array_equal(d.y_test, reference["y_test"])
+
+
+def test_mnist1d_with_n_examples() -> None:
+    d = data.load_data("mnist1d:200")
+    assert d.name == "mnist1d:200" and d.num_classes == 10
+    assert (d.num_train_examples, len(d.x_test)) == (160, 40)  # int(200 · 0.8)
+    assert (
+        np.bincount(d.y_train, minlength=10) + np.bincount(d.y_test, minlength=10)
+    ).tolist() == [20] * 10  # noqa: E501
+    data._mnist1d_arrays.cache_clear()
+    again = data.load_data("mnist1d:200")  # regenerated, not cached: identical
+    np.testing.assert_array_equal(again.x_train, d.x_train)
+    np.testing.assert_array_equal(again.y_test, d.y_test)
+    assert not np.array_equal(data.load_data("mnist1d:300").x_train[:160], d.x_train)
+
+
+@pytest.mark.parametrize("name", ["mnist1d:15", "mnist1d:0", "mnist1d:abc", "mnist1d:"])
+def test_mnist1d_bad_count(name) -> None:
+    with pytest.raises(ValueError) as info:
+        data.load_data(name)
+    assert str(info.value) == (
+        "Argument `dataset` must be 'mnist1d' or 'mnist1d:N' with N a multiple of 10, >= 10. "
+        f"Received: dataset={name!r}"
+    )
 
 
 # ----------------------------------------------------------------------------- pipeline

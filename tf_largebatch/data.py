@@ -1,7 +1,9 @@
 """Data sources and the per-replica `tf.data` pipeline for a global batch size.
 
-Sources (`load_data`): scikit-learn's 8×8 digits (offline default), a TFDS image classification
-data set by name, or a NumPy archive ``npz:PATH``.
+Sources (`load_data`): scikit-learn's 8×8 digits (offline default), MNIST-1D generated offline
+(``mnist1d``, ``mnist1d:N``), a TFDS classification data set already prepared in a data
+directory, or a NumPy archive ``npz:PATH``. Every source's labels are checked (integers,
+0 ≤ y < num_classes, every test class seen in training) before anything is trained.
 
 Pipelines (`make_dataset_fn`, `make_dataset`): epoch e draws ONE permutation π_e of the whole
 training set from (seed, e) alone, in-graph with stateless ops, so every worker computes the same
@@ -16,7 +18,10 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import random
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +33,7 @@ from tf_largebatch._validation import _fail, check_non_negative_int, check_posit
 from tf_largebatch.phases import steps_per_epoch
 
 DIGITS_NUM_TRAIN, DIGITS_NUM_TEST = 1437, 360  # 1,797 digits; test: ceil(0.2 · 1,797) = 360.
+MNIST1D_NUM_EXAMPLES = 5000  # the published MNIST-1D: 4,000 train / 1,000 test
 _CHUNK = 8192  # TFDS examples per chunk while loading a split into memory.
 _NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
@@ -35,13 +41,15 @@ DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: NumPy fields make `==` ambiguous.
 class ArrayData:
-    """An in-memory image classification data set.
+    """An in-memory classification data set.
 
     Attributes:
-      name: Where it came from (``"digits"``, a TFDS name, or ``"npz:PATH"``).
-      x_train: float32 images in [0, 1], shape (N, H, W, C).
+      name: Where it came from (``"digits"``, ``"mnist1d"``, ``"mnist1d:N"``, a TFDS name,
+        or ``"npz:PATH"``).
+      x_train: float32 inputs, shape (N, ...): images (N, H, W, C) in [0, 1], or other
+        examples such as MNIST-1D's signals (N, 40, 1).
       y_train: int32 labels, shape (N,).
-      x_test: float32 images in [0, 1], shape (M, H, W, C).
+      x_test: float32 inputs, shape (M, ...) like ``x_train``.
       y_test: int32 labels, shape (M,).
       num_classes: Number of classes; labels lie in [0, num_classes).
     """
@@ -55,7 +63,7 @@ class ArrayData:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one image, (H, W, C)."""
+        """Shape of one example, e.g. (H, W, C) for images or (40, 1) for MNIST-1D."""
         return tuple(int(d) for d in self.x_train.shape[1:])
 
     @property
@@ -71,16 +79,66 @@ def _images(x: np.ndarray) -> np.ndarray:
     return x[..., None] if x.ndim == 3 else x
 
 
-def _arrays(name: str, x_tr: Any, y_tr: Any, x_te: Any, y_te: Any, classes: int) -> ArrayData:
-    x_tr, x_te = _images(x_tr), _images(x_te)
-    y_tr = np.asarray(y_tr).reshape(-1).astype(np.int32)
-    y_te = np.asarray(y_te).reshape(-1).astype(np.int32)
-    if x_tr.ndim != 4 or x_te.ndim != 4 or len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
+def _labels(name: str, array: str, y: Any, num_classes: int | None) -> np.ndarray:
+    """int32 labels; whole-number floats are converted, anything else is an error."""
+    y = np.asarray(y).reshape(-1)
+
+    def fail(requirement: str, value: Any) -> None:
         raise ValueError(
-            f"Argument `dataset` must give images (N, H, W[, C]) with one label each. Received: "
+            f"Argument `dataset` must have {array} labels that are {requirement}. "
+            f"Received: dataset={name!r} with {array} label {value!r}"
+        )
+
+    if y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.number):
+        fail("integers", y[0].item() if len(y) else str(y.dtype))
+    if np.issubdtype(y.dtype, np.inexact):
+        bad = ~np.isfinite(y) | (y != np.round(y)) if len(y) else np.zeros(0, bool)
+        if bad.any():
+            fail("whole numbers", y[bad][0].item())
+    if len(y) and y.min() < 0:
+        fail(">= 0", y.min().item())
+    if num_classes is not None and len(y) and y.max() >= num_classes:
+        fail(f"< num_classes={num_classes}", y.max().item())
+    if len(y) and y.max() > np.iinfo(np.int32).max:
+        fail("< 2**31", y.max().item())
+    return y.astype(np.int32)
+
+
+def _arrays(
+    name: str,
+    x_tr: Any,
+    y_tr: Any,
+    x_te: Any,
+    y_te: Any,
+    classes: int | None,
+    images: bool = True,
+) -> ArrayData:
+    """Checks and converts one source's arrays (``classes=None``: max label + 1)."""
+    if images:
+        x_tr, x_te = _images(x_tr), _images(x_te)
+    else:
+        x_tr, x_te = np.asarray(x_tr, np.float32), np.asarray(x_te, np.float32)
+    y_tr, y_te = _labels(name, "y_train", y_tr, classes), _labels(name, "y_test", y_te, classes)
+    if x_tr.ndim < 2 or x_te.ndim < 2 or len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
+        raise ValueError(
+            f"Argument `dataset` must give inputs (N, ...) with one label each. Received: "
             f"dataset={name!r} with x_train {x_tr.shape}, y_train {y_tr.shape}, "
             f"x_test {x_te.shape}, y_test {y_te.shape}"
         )
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise ValueError(
+            f"Argument `dataset` must give train and test examples of one shape. Received: "
+            f"dataset={name!r} with x_train {x_tr.shape}, x_test {x_te.shape}"
+        )
+    unseen = np.setdiff1d(y_te, y_tr)
+    if unseen.size:
+        raise ValueError(
+            f"Argument `dataset` must have every y_test label among the y_train labels. "
+            f"Received: dataset={name!r} with y_test label {int(unseen[0])} absent from y_train "
+            f"({unseen.size} such label{'s' if unseen.size > 1 else ''})"
+        )
+    if classes is None:
+        classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
     return ArrayData(name, x_tr, y_tr, x_te, y_te, int(classes))
 
 
@@ -99,13 +157,55 @@ def _load_npz(name: str) -> ArrayData:
     path = name[len("npz:") :]
     if not os.path.isfile(path):
         _fail("dataset", "'npz:' followed by an existing file", name)
-    with np.load(path) as archive:
-        missing = [key for key in _NPZ_ARRAYS if key not in archive.files]
-        if missing:
-            _fail("dataset", f"an archive with arrays {_NPZ_ARRAYS}, missing {missing}", name)
-        arrays = [archive[key] for key in _NPZ_ARRAYS]
-    num_classes = int(max(arrays[1].max(initial=0), arrays[3].max(initial=0))) + 1
-    return _arrays(name, *arrays, num_classes)
+    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it, or say nothing useful
+        _fail("dataset", f"'npz:' followed by a NumPy .npz archive; {path!r} is not one", name)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            files = archive.files
+            arrays = [archive[key] for key in _NPZ_ARRAYS if key in files]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # damaged, or pickles
+        _fail("dataset", f"a readable .npz archive of plain arrays; {path!r}: {error}", name)
+    missing = [key for key in _NPZ_ARRAYS if key not in files]
+    if missing:
+        _fail("dataset", f"an archive with arrays {_NPZ_ARRAYS}, missing {missing}", name)
+    return _arrays(name, *arrays, None)
+
+
+def _generate_mnist1d(num_examples: int) -> tuple[np.ndarray, ...]:
+    """MNIST-1D by the package's published procedure; the global RNG states are restored."""
+    import mnist1d  # noqa: F401  (imports matplotlib: only when MNIST-1D is asked for)
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()  # seed 42, 80/20 split, 40-sample signals
+    args.num_samples = num_examples
+    states = np.random.get_state(), random.getstate()
+    try:
+        generated = make_dataset(args)  # seeds NumPy's and Python's global RNGs with args.seed
+    finally:
+        np.random.set_state(states[0])
+        random.setstate(states[1])
+    return generated["x"], generated["y"], generated["x_test"], generated["y_test"]
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d_arrays(num_examples: int) -> tuple[np.ndarray, ...]:
+    """Cached per process (generation is pure Python per example); arrays read-only."""
+    arrays = _generate_mnist1d(num_examples)
+    x_tr, y_tr, x_te, y_te = (np.asarray(a) for a in arrays)
+    out = (x_tr[..., None].astype(np.float32), y_tr, x_te[..., None].astype(np.float32), y_te)
+    for array in out:
+        array.flags.writeable = False
+    return out
+
+
+def _load_mnist1d(name: str) -> ArrayData:
+    num_examples = MNIST1D_NUM_EXAMPLES
+    if name != "mnist1d":
+        count = name[len("mnist1d:") :]
+        if not count.isdigit() or int(count) < 10 or int(count) % 10:
+            _fail("dataset", "'mnist1d' or 'mnist1d:N' with N a multiple of 10, >= 10", name)
+        num_examples = int(count)
+    return _arrays(name, *_mnist1d_arrays(num_examples), 10, images=False)
 
 
 def _load_tfds(name: str, data_dir: str | None) -> ArrayData:
@@ -115,36 +215,66 @@ def _load_tfds(name: str, data_dir: str | None) -> ArrayData:
         builder = tfds.builder(name, data_dir=data_dir)
         num_classes = builder.info.features["label"].num_classes
     except (tfds.core.DatasetNotFoundError, KeyError) as error:
-        kind = "'digits', 'npz:PATH' or a TFDS image classification data set with a `label`"
+        kind = (
+            "'digits', 'mnist1d[:N]', 'npz:PATH' or a TFDS classification data set with a `label`"
+        )
         _fail("dataset", f"{kind} ({type(error).__name__})", name)
+    # Never download: offline, TFDS retries for minutes and ends in a long traceback. The data
+    # must be prepared beforehand (`tfds build NAME --data_dir=DIR` with a network).
     # Chunks, not batch_size=-1, which batches by the metadata's example count: 0 under
     # `tfds.testing.mock_data`, where TF then aborts the process on batch(sys.maxsize).
-    splits = tfds.load(
-        name, split=["train", "test"], as_supervised=True, batch_size=_CHUNK, data_dir=data_dir
-    )
+    try:
+        splits = tfds.load(
+            name,
+            split=["train", "test"],
+            as_supervised=True,
+            batch_size=_CHUNK,
+            data_dir=data_dir,
+            download=False,
+        )
+    except AssertionError:  # TFDS's "could not find data in DIR" (download=False)
+        if builder.is_prepared():
+            raise
+        root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
+        raise ValueError(
+            f"Argument `dataset` names a TFDS data set not found in data_dir={root!r} (no "
+            f"download is attempted); prepare it first with a network (`tfds build {name} "
+            f"--data_dir=DIR`) and pass --data_dir=DIR, or use npz:PATH. Received: "
+            f"dataset={name!r}"
+        ) from None
     (x_tr, y_tr), (x_te, y_te) = (map(np.concatenate, zip(*tfds.as_numpy(d))) for d in splits)
     return _arrays(name, x_tr, y_tr, x_te, y_te, num_classes)
 
 
 def load_data(name: str = "digits", data_dir: str | None = None) -> ArrayData:
-    """Loads an image classification data set into memory.
+    """Loads a classification data set into memory.
 
     Args:
       name: ``"digits"``: scikit-learn's `load_digits` (1,797 real 8×8 grey images, 10 classes,
         no download), scaled by 1/16 to [0, 1], shape (N, 8, 8, 1), split by
         ``np.random.default_rng(0).permutation(1797)``: its first 360 indices are the test set,
-        the other 1,437 the training set. ``"npz:PATH"``: a NumPy archive with arrays
-        ``x_train, y_train, x_test, y_test``; uint8 images are divided by 255, (N, H, W)
-        images get a channel axis, num_classes = max label + 1. Any other name: a TFDS data
-        set with ``train`` and ``test`` splits, loaded whole with ``tfds.load(...,
-        batch_size=-1)``; num_classes from its ``label`` feature.
-      data_dir: TFDS data directory (TFDS names only).
+        the other 1,437 the training set. ``"mnist1d"``: MNIST-1D (Greydanus 2020), generated
+        offline by the ``mnist1d`` package's published procedure (``make_dataset`` with
+        ``get_dataset_args()``: seed 42, 5,000 examples, the first 80% train): 4,000 train /
+        1,000 test signals of shape (40, 1), 10 classes; ``"mnist1d:N"``: the same procedure
+        with N examples (N a multiple of 10), split 80/20. Generation is deterministic,
+        leaves NumPy's and Python's global random states as they were, and is cached per
+        process (mnist1d:20000 takes a few seconds). ``"npz:PATH"``: a NumPy archive with
+        arrays ``x_train, y_train, x_test, y_test``; uint8 images are divided by 255,
+        (N, H, W) images get a channel axis, num_classes = max label + 1. Any other name: a
+        TFDS data set with ``train`` and ``test`` splits, already prepared in `data_dir` (it
+        is never downloaded here), read whole in chunks; num_classes from its ``label``
+        feature. Labels must be integers (whole-number floats are converted), >= 0 and
+        < num_classes, and every test label must occur in the training labels.
+      data_dir: TFDS data directory (TFDS names only; None: TFDS's default).
 
     Returns:
       An `ArrayData`.
 
     Raises:
-      ValueError: ``npz:`` file or arrays missing, or unknown TFDS name.
+      ValueError: ``npz:`` file missing, not an .npz archive or lacking arrays; an unknown
+        TFDS name or one not prepared in `data_dir`; bad ``mnist1d:N``; bad labels (the
+        message names the array and the offending value).
 
     Example:
       >>> data = load_data("digits")
@@ -153,6 +283,8 @@ def load_data(name: str = "digits", data_dir: str | None = None) -> ArrayData:
     """
     if name == "digits":
         data = _load_digits()
+    elif name == "mnist1d" or name.startswith("mnist1d:"):
+        data = _load_mnist1d(name)
     elif name.startswith("npz:"):
         data = _load_npz(name)
     else:
