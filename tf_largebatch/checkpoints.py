@@ -13,30 +13,79 @@ In multi-worker training every worker saves (the variables may need collectives)
 the chief writes into ``model_dir``: the others write to ``model_dir/.tmp_<type>_<id>``, removed
 at the end, as the TensorFlow multi-worker guide prescribes. Every worker restores from the
 chief's checkpoints, so ``model_dir`` must be on storage all workers share.
+
+A restore checks the newest checkpoint before using it (its index parses and every tensor reads
+back with its stored CRC32C): a truncated or corrupt one is skipped with a warning and the
+previous one is used; when none is readable the restore raises.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from typing import Any
 
 import tensorflow as tf
 
 from tf_largebatch.phases import PhasePlan
 
+_log = logging.getLogger(__name__)
+# What reading a damaged checkpoint raises: OpError (bad magic, checksum mismatch, missing
+# file), IndexError ("Read less bytes than requested": a truncated data file).
+_READ_ERRORS = (tf.errors.OpError, IndexError, ValueError, OSError, RuntimeError)
+
 
 def write_json(path: str, value: Any) -> None:
-    """Writes JSON atomically (a killed run never leaves half a file)."""
+    """Writes JSON atomically: to ``path.tmp``, then renamed over ``path``.
+
+    A run killed or failing mid-write leaves the previous ``path`` whole (a failure that
+    raises also removes ``path.tmp``).
+    """
     tmp = f"{path}.tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    try:
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            json.dump(value, f, indent=1)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    except BaseException:  # e.g. a value JSON cannot encode, a full disk, Ctrl-C
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.remove(tmp)
+        raise
 
 
 def read_json(path: str) -> Any:
     with tf.io.gfile.GFile(path) as f:
         return json.load(f)
+
+
+def checkpoint_paths(directory: str) -> list[str]:
+    """The checkpoint prefixes ``directory/ckpt-N`` that have an index file, newest (largest N)
+    first. Found by listing, not through the ``checkpoint`` state file, which may be damaged."""
+    if not tf.io.gfile.isdir(directory):
+        return []
+    numbers = []
+    for name in tf.io.gfile.listdir(directory):
+        match = re.fullmatch(r"ckpt-(\d+)\.index", name)
+        if match:
+            numbers.append(int(match.group(1)))
+    return [os.path.join(directory, f"ckpt-{n}") for n in sorted(numbers, reverse=True)]
+
+
+def checkpoint_error(path: str) -> str | None:
+    """None if the checkpoint at prefix ``path`` reads back whole, else what is wrong.
+
+    Reads every tensor: TensorFlow checks each one against the CRC32C stored in the index, so
+    a truncated or bit-flipped data file or index is found before anything is restored.
+    """
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except _READ_ERRORS as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return f"{type(error).__name__}: {first_line}"
+    return None
 
 
 class RunState:
@@ -88,8 +137,12 @@ class RunState:
     def restore(self, initial_plan: PhasePlan) -> tuple[PhasePlan | None, list[dict[str, Any]]]:
         """Restores the latest checkpoint; returns the saved current plan and the history.
 
+        The newest checkpoint that reads back whole is restored: a truncated or corrupt
+        newer one is skipped with a logged warning naming it (`checkpoint_error`).
+
         Raises:
-          ValueError: ``model_dir`` holds a run that started from a different plan.
+          ValueError: ``model_dir`` holds a run that started from a different plan, or
+            checkpoints of which none is readable.
         """
         plan = None
         if tf.io.gfile.exists(self._path("plan.json")):
@@ -101,7 +154,7 @@ class RunState:
                     f"Received: model_dir={self.model_dir!r}"
                 )
             plan = PhasePlan.from_dict(saved["current"])
-        latest = tf.train.latest_checkpoint(self._path("ckpt"))
+        latest = self._readable_checkpoint()
         history: list[dict[str, Any]] = []
         if latest:
             self.checkpoint.restore(latest).expect_partial()
@@ -109,6 +162,30 @@ class RunState:
                 done = int(self.epoch.numpy())
                 history = [h for h in read_json(self._path("history.json")) if h["epoch"] < done]
         return plan, history
+
+    def _readable_checkpoint(self) -> str | None:
+        """The newest readable checkpoint prefix (None: there is no checkpoint)."""
+        paths = checkpoint_paths(self._path("ckpt"))
+        problems = []
+        for path in paths:
+            error = checkpoint_error(path)
+            if error is None:
+                if problems:
+                    _log.warning(
+                        "Skipping unreadable checkpoint(s) %s; restoring the previous one, %s.",
+                        "; ".join(f"{p} ({e})" for p, e in problems),
+                        path,
+                    )
+                return path
+            problems.append((path, error))
+        if problems:
+            listed = "; ".join(f"{os.path.basename(p)} ({e})" for p, e in problems)
+            raise ValueError(
+                f"Argument `model_dir` holds checkpoints none of which is readable: {listed}. "
+                f"Remove {self._path('ckpt')} to start the run over, or use a new model_dir. "
+                f"Received: model_dir={self.model_dir!r}"
+            )
+        return None
 
     def save(self, step: int) -> None:
         """A checkpoint numbered by the global step (every worker calls this)."""
