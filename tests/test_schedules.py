@@ -6,7 +6,13 @@ import pytest
 import tensorflow as tf
 
 from tf_largebatch import schedules
-from tf_largebatch.schedules import ConstantWarmup, LinearWarmup, goyal_schedule
+from tf_largebatch.schedules import (
+    ConstantWarmup,
+    InverseSqrtDecay,
+    LinearWarmup,
+    WarmupStableDecay,
+    goyal_schedule,
+)
 
 
 def goyal_reference(
@@ -142,3 +148,117 @@ def test_piecewise_constant_switches_at_the_boundary_step():
 def test_goyal_small_batch_warmup_does_not_ramp_down():
     s = goyal_schedule(0.1, 64, SPE)  # k = 1/4: the scaled rate 0.025 from step 0
     assert float(s(0)) == pytest.approx(0.025) and float(s(499)) == pytest.approx(0.025)
+
+
+# --- Transformer / LLM schedules, and warmup that shifts ---------------------------------------
+
+
+def inverse_sqrt_reference(step, peak, w):
+    """Vaswani et al. §5.3 with the peak η̂ = (d_model·W)^−0.5 written out."""
+    return peak * step / w if step < w else peak * np.sqrt(w / step)
+
+
+def test_inverse_sqrt_decay_at_the_transformer_steps():
+    s = InverseSqrtDecay(1e-3, 4000)
+    steps = [0, 1, 3999, 4000, 4001, 16000]
+    got = [float(s(i)) for i in steps]
+    want = [inverse_sqrt_reference(i, 1e-3, 4000) for i in steps]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[0] == 0.0 and got[3] == pytest.approx(1e-3) and got[5] == pytest.approx(5e-4)
+    assert got[2] < got[3] and got[4] < got[3]  # the peak is at W
+
+
+def wsd_reference(step, peak, w, stable, d, final, decay):
+    if step < w:
+        return peak * step / w
+    if step < w + stable:
+        return peak
+    if step >= w + stable + d:
+        return final
+    t = (step - w - stable) / d
+    f = {"linear": 1 - t, "cosine": 0.5 * (1 + np.cos(np.pi * t)), "sqrt": 1 - np.sqrt(t)}
+    return final + (peak - final) * f[decay]
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine", "sqrt"])
+@pytest.mark.parametrize(
+    "w, stable, d, final", [(100, 500, 200, 0.0), (0, 50, 30, 0.1), (7, 0, 1, 0.2)]
+)
+def test_warmup_stable_decay_at_every_boundary(decay, w, stable, d, final):
+    s = WarmupStableDecay(2.0, w, stable, d, final_learning_rate=final, decay=decay)
+    points = {0, w + stable + d // 2, 10 * (w + stable + d)}
+    for b in (w, w + stable, w + stable + d):
+        points |= {b - 1, b, b + 1}
+    for step in sorted(p for p in points if p >= 0):
+        want = wsd_reference(step, 2.0, w, stable, d, final, decay)
+        assert float(s(step)) == pytest.approx(want, rel=1e-6, abs=1e-7), step
+
+
+def test_warmup_stable_decay_without_decay_steps_drops_at_once():
+    s = WarmupStableDecay(1.0, 10, 20, 0, final_learning_rate=0.01)
+    assert [float(s(i)) for i in (9, 10, 29, 30, 31)] == pytest.approx([0.9, 1, 1, 0.01, 0.01])
+
+
+def test_shifted_warmup_starts_the_wrapped_schedule_after_the_warmup():
+    cosine = keras.optimizers.schedules.CosineDecay(10.0, 1000)
+    s = LinearWarmup(cosine, 2000, shift=True)
+    assert float(s(2000)) == pytest.approx(10.0)
+    assert float(s(2500)) == pytest.approx(float(cosine(500)), rel=1e-6)
+    assert float(cosine(500)) == pytest.approx(5.0, rel=1e-6)
+    for step in (0, 1, 1000, 1999, 2000, 2001, 2999, 3000, 3001, 5000):  # optax join_schedules
+        want = 10.0 * step / 2000 if step < 2000 else float(cosine(step - 2000))
+        assert float(s(step)) == pytest.approx(want, rel=1e-6, abs=1e-7), step
+
+
+def test_replacing_warmup_refuses_a_schedule_already_at_zero():
+    cosine = keras.optimizers.schedules.CosineDecay(10.0, 1000)
+    with pytest.raises(ValueError, match="`after_warmup`.*shift=True"):
+        LinearWarmup(cosine, 2000)
+    with pytest.raises(ValueError, match="`after_warmup`"):
+        LinearWarmup(cosine, 1000)  # exactly 0 at the end of the warmup
+    s = LinearWarmup(cosine, 999)  # still > 0 at step 999: allowed, replaces as before
+    assert float(s(999)) == pytest.approx(float(cosine(999)))
+    floor = keras.optimizers.schedules.CosineDecay(10.0, 1000, alpha=0.1)
+    assert float(LinearWarmup(floor, 2000)(2000)) == pytest.approx(1.0)
+
+
+SAVED = [
+    InverseSqrtDecay(1e-3, 40),
+    WarmupStableDecay(0.5, 10, 30, 20, final_learning_rate=0.05, decay="sqrt"),
+    LinearWarmup(keras.optimizers.schedules.CosineDecay(10.0, 100), 20, 1.0, shift=True),
+    LinearWarmup(keras.optimizers.schedules.CosineDecay(10.0, 100), 20, 1.0),
+]
+
+
+@pytest.mark.parametrize("schedule", SAVED, ids=lambda s: type(s).__name__)
+def test_new_schedules_round_trip_through_model_save(tmp_path, schedule):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=schedule), loss="mse")
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    clone = keras.saving.deserialize_keras_object(loaded.optimizer.get_config()["learning_rate"])
+    assert type(clone) is type(schedule) and clone.get_config() == schedule.get_config()
+    steps = [0, 1, 19, 20, 21, 39, 40, 41, 59, 60, 61, 500]
+    np.testing.assert_array_equal(
+        [float(clone(i)) for i in steps], [float(schedule(i)) for i in steps]
+    )
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: InverseSqrtDecay(0.0, 4000), "peak_learning_rate"),
+        (lambda: InverseSqrtDecay(1e-3, 0), "warmup_steps"),
+        (lambda: InverseSqrtDecay(1e-3, 1.5), "warmup_steps"),
+        (lambda: WarmupStableDecay(1.0, -1, 10, 10), "warmup_steps"),
+        (lambda: WarmupStableDecay(1.0, 1, -10, 10), "stable_steps"),
+        (lambda: WarmupStableDecay(1.0, 1, 10, -1), "decay_steps"),
+        (lambda: WarmupStableDecay(1.0, 1, 10, 10, final_learning_rate=2.0), "final_learning_rate"),
+        (lambda: WarmupStableDecay(1.0, 1, 10, 10, decay="exp"), "decay"),
+        (lambda: LinearWarmup(0.1, 10, shift="yes"), "shift"),
+    ],
+)
+def test_new_schedules_bad_input(make, name):
+    with pytest.raises(ValueError, match=f"`{name}`.*Received"):
+        make()
