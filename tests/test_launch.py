@@ -4,11 +4,13 @@ Workers are tiny Python scripts written to tmp_path (about 50 ms each to start);
 a real 2-worker MultiWorkerMirroredStrategy through the launcher.
 """
 
+import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 
 from tf_largebatch.distribute import build_tf_config
 from tf_largebatch.launch import (
+    DEFAULT_GRACE_SECONDS,
     TIMEOUT_EXIT_CODE,
     find_free_ports,
     launch,
@@ -139,6 +142,112 @@ def test_timeout_stops_everything(script, tmp_path):
     assert all(_gone(int((tmp_path / f"{i}.pid").read_text())) for i in (0, 1))
 
 
+# A worker that traps SIGTERM like a preempted training worker: it writes <index>.term, takes
+# DELAY[index] seconds "to save a checkpoint", writes <index>.saved and exits STATUS[index]
+# (IGNORE: it ignores SIGTERM and never finishes). It writes <index>.pid once the handler is set.
+TRAPPING_WORKER = """
+import json, os, signal, sys, time
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+out_dir, delays, statuses = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+def touch(name):
+    with open(os.path.join(out_dir, f"{index}.{name}"), "w") as f:
+        f.write(str(time.time()))
+def on_sigterm(signum, frame):
+    touch("term")
+    time.sleep(delays[index])
+    touch("saved")
+    sys.exit(statuses[index])
+if statuses[index] == "IGNORE":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+else:
+    signal.signal(signal.SIGTERM, on_sigterm)
+with open(os.path.join(out_dir, f"{index}.tmp"), "w") as f:
+    f.write(str(os.getpid()))
+os.replace(os.path.join(out_dir, f"{index}.tmp"), os.path.join(out_dir, f"{index}.pid"))
+time.sleep(60)
+sys.exit(99)
+"""
+
+
+def _when_ready(out_dir, num_workers, action):
+    """Runs `action` in a thread once every worker has written its pid file."""
+
+    def wait_then_act():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if all((out_dir / f"{i}.pid").exists() for i in range(num_workers)):
+                break
+            time.sleep(0.02)
+        action()
+
+    thread = threading.Thread(target=wait_then_act, daemon=True)
+    thread.start()
+    return thread
+
+
+def _trapping(tmp_path, delays, statuses):
+    path = tmp_path / "trap.py"
+    path.write_text(TRAPPING_WORKER)
+    return [str(path), str(tmp_path), json.dumps(delays), json.dumps(statuses)]
+
+
+def test_stop_event_forwards_sigterm_and_waits_for_the_workers(tmp_path, capsys):
+    """Worker 0 takes 1.5 s after SIGTERM and exits 143, worker 1 exits 0 at once."""
+    argv = _trapping(tmp_path, [1.5, 0.0], [143, 0])
+    stop = threading.Event()
+    thread = _when_ready(tmp_path, 2, stop.set)
+    start = time.monotonic()
+    status = launch(argv, 2, grace_seconds=20.0, stop_event=stop, timeout_seconds=60)
+    elapsed = time.monotonic() - start
+    thread.join()
+    assert status == 143  # worker 0's status; not the launcher's own
+    for index in (0, 1):
+        assert (tmp_path / f"{index}.term").exists() and (tmp_path / f"{index}.saved").exists()
+    saved = float((tmp_path / "0.saved").read_text()) - float((tmp_path / "0.term").read_text())
+    assert saved >= 1.5  # it was not killed while "saving"
+    assert elapsed < 15  # it did not wait out the 20 s grace period either
+
+
+def test_all_workers_exiting_0_after_sigterm_give_0(tmp_path):
+    stop = threading.Event()
+    thread = _when_ready(tmp_path, 2, stop.set)
+    status = launch(_trapping(tmp_path, [0.2, 0.2], [0, 0]), 2, grace_seconds=20.0,
+                    stop_event=stop, timeout_seconds=60)  # fmt: skip
+    thread.join()
+    assert status == 0 and (tmp_path / "1.saved").exists()
+
+
+def test_worker_out_of_grace_is_killed(tmp_path):
+    """Worker 0 ignores SIGTERM: SIGKILL after the grace period, status 137; worker 1 saved."""
+    stop = threading.Event()
+    thread = _when_ready(tmp_path, 2, stop.set)
+    start = time.monotonic()
+    status = launch(_trapping(tmp_path, [0.0, 0.0], ["IGNORE", 143]), 2, grace_seconds=1.0,
+                    stop_event=stop, timeout_seconds=60)  # fmt: skip
+    elapsed = time.monotonic() - start
+    thread.join()
+    assert status == 128 + signal.SIGKILL
+    assert (tmp_path / "1.saved").exists() and not (tmp_path / "0.term").exists()
+    assert 1.0 <= elapsed < 10
+    assert _gone(int((tmp_path / "0.pid").read_text()))
+
+
+def test_main_forwards_sigterm_sent_to_the_launcher(tmp_path):
+    """The real signal path: SIGTERM to this (the launcher's) process during `main`."""
+    argv = _trapping(tmp_path, [1.0, 0.0], [0, 143])
+    thread = _when_ready(tmp_path, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    status = main(["--num_workers=2", "--grace_seconds=20", "--timeout_seconds=60", "--", *argv])
+    thread.join()
+    assert status == 143  # worker 1's status (worker 0 exited 0)
+    assert (tmp_path / "0.saved").exists() and (tmp_path / "1.saved").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # main restored the handler
+
+
+def test_default_grace_period():
+    assert DEFAULT_GRACE_SECONDS == 60.0
+    assert inspect.signature(launch).parameters["grace_seconds"].default == 60.0
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
@@ -208,6 +317,7 @@ def test_multi_worker_mirrored_strategy_smoke(capsys):
         assert result["w"] == pytest.approx(0.75)  # 1 - 0.1 * 2.5, the same on both workers
 
 
+@pytest.mark.slow  # `import tf_largebatch` imports TensorFlow (registers the Keras classes)
 def test_cli_runs_as_module(script, tmp_path):
     """``python -m tf_largebatch.launch`` end to end (exit status of the process)."""
     command = [sys.executable, "-m", "tf_largebatch.launch", "--num_workers=2", "--"]
@@ -220,3 +330,24 @@ def test_cli_runs_as_module(script, tmp_path):
     )
     assert done.returncode == 3
     assert "Worker 1 exited with 3" in done.stderr
+
+
+@pytest.mark.slow  # `import tf_largebatch` imports TensorFlow (registers the Keras classes)
+def test_cli_sigterm_to_the_launcher_process(tmp_path):
+    """As Slurm or Kubernetes preempt: SIGTERM to the launcher process, workers save, 143."""
+    command = [sys.executable, "-m", "tf_largebatch.launch", "--num_workers=2"]
+    argv = _trapping(tmp_path, [1.0, 0.5], [143, 143])
+    launcher = subprocess.Popen(
+        [*command, "--grace_seconds=30", "--timeout_seconds=120", "--", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    thread = _when_ready(tmp_path, 2, lambda: launcher.send_signal(signal.SIGTERM))
+    out, err = launcher.communicate(timeout=120)
+    thread.join()
+    assert launcher.returncode == 143, err
+    assert all((tmp_path / f"{i}.saved").exists() for i in (0, 1))
+    assert "SIGTERM: forwarding it to the workers, waiting up to 30s for them." in err
+    assert "Workers stopped with statuses [143, 143]; exiting 143." in err

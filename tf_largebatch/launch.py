@@ -11,12 +11,24 @@ Each worker is ``sys.executable SCRIPT ARGS...`` (or ``sys.executable -m MODULE 
                  "index": i}}
 
 on free loopback ports. Worker output (stdout and stderr, merged) is streamed line by line to our
-stdout as ``[worker i] line``. The launcher fails fast: when a worker exits non-zero, the others
-get SIGTERM, then SIGKILL after a grace period, and the launcher exits with that worker's status
-(``128 + signal`` for a worker killed by a signal). ``--timeout_seconds`` stops everything and
-exits with 124. Exit 0 means every worker exited 0.
+stdout as ``[worker i] line``.
 
-This module imports no TensorFlow: the launcher itself stays light and never starts a runtime.
+Stopping and exit status (``128 + signal`` stands for a worker killed by that signal):
+
+- every worker exits 0: the launcher exits 0;
+- a worker exits non-zero: the others get SIGTERM, then SIGKILL if still running after
+  ``--grace_seconds``, and the launcher exits with the failing worker's status;
+- the launcher gets SIGTERM (a preemption: Slurm, Kubernetes, ``kill``): it forwards SIGTERM
+  to every worker, lets them finish (e.g. save a checkpoint) for up to ``--grace_seconds``,
+  SIGKILLs those still running, and exits with the status of the first worker (by index)
+  that did not exit 0, or 0 if all did: 143 (128 + SIGTERM) from workers that saved and
+  stopped, 137 (128 + SIGKILL) from workers that ran out of grace;
+- ``--timeout_seconds`` stops everything the same way and exits with 124; Ctrl-C (SIGINT)
+  stops everything the same way and exits with 130.
+
+This module imports no TensorFlow and never starts a runtime (``python -m tf_largebatch.launch``
+still runs the package's ``__init__``, which imports the Keras objects so that they are registered:
+about 6 s on the 2-core machine).
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from tf_largebatch._validation import _fail, check_non_negative, check_positive,
 
 HOST = "127.0.0.1"
 TIMEOUT_EXIT_CODE = 124  # as timeout(1)
+DEFAULT_GRACE_SECONDS = 60.0  # SIGTERM → SIGKILL; deploy/ gives the launcher more than this
 _POLL_SECONDS = 0.05
 _log = logging.getLogger(__name__)
 
@@ -106,18 +119,30 @@ def _signal(process: subprocess.Popen, sig: int) -> None:
 def _stop(processes: Sequence[subprocess.Popen], grace_seconds: float) -> None:
     """SIGTERM to every running worker, SIGKILL to those still running after the grace period.
 
-    The grace period matters: MultiWorkerMirroredStrategy installs a SIGTERM handler (for
-    preemption) so its workers do not exit on SIGTERM.
+    The grace period is the workers' time to save a checkpoint and exit (TensorFlow's
+    preemption handler, installed by MultiWorkerMirroredStrategy, acts on SIGTERM).
     """
-    for process in processes:
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
         _signal(process, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
-    for process in processes:
+    for process in running:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    late = [i for i, p in enumerate(processes) if p.poll() is None]
+    if late:
+        _log.warning("Workers %s still running after %gs; sending SIGKILL.", late, grace_seconds)
     for process in processes:
         _signal(process, signal.SIGKILL)
         process.wait()
+
+
+def _workers_status(processes: Sequence[subprocess.Popen]) -> int:
+    """The status of the first worker (by index) that did not exit 0; 0 if all did."""
+    for process in processes:
+        if process.returncode:
+            return _exit_status(process.returncode)
+    return 0
 
 
 def launch(
@@ -128,7 +153,8 @@ def launch(
     prefix: bool = True,
     *,
     port_base: int = 0,
-    grace_seconds: float = 5.0,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    stop_event: threading.Event | None = None,
 ) -> int:
     """Runs ``num_workers`` copies of a Python program as a loopback TF_CONFIG cluster.
 
@@ -140,10 +166,13 @@ def launch(
       prefix: prefix each output line with ``[worker i] ``.
       port_base: 0 picks free ports; otherwise workers use ``port_base + i``.
       grace_seconds: time between SIGTERM and SIGKILL when stopping workers.
+      stop_event: when set (`main` sets it on SIGTERM), SIGTERM is forwarded to every worker,
+        which gets ``grace_seconds`` to finish before SIGKILL.
 
     Returns:
       0 if every worker exited 0; else the exit status of the first worker seen failing
-      (``128 + signal`` if killed by a signal); 124 on timeout.
+      (``128 + signal`` if killed by a signal); 124 on timeout; after ``stop_event``, the
+      status of the first worker (by index) that did not exit 0, or 0.
 
     Raises:
       ValueError: naming a bad argument.
@@ -208,6 +237,16 @@ def launch(
                 status = TIMEOUT_EXIT_CODE
                 _log.error("Timeout after %gs; stopping all workers.", timeout_seconds)
                 break
+            if stop_event is not None and stop_event.is_set():
+                _log.warning(
+                    "SIGTERM: forwarding it to the workers, waiting up to %gs for them.",
+                    grace_seconds,
+                )
+                _stop(processes, grace_seconds)
+                status = _workers_status(processes)
+                statuses = [_exit_status(p.returncode) for p in processes]
+                _log.warning("Workers stopped with statuses %s; exiting %d.", statuses, status)
+                break
             time.sleep(_POLL_SECONDS)
     finally:
         _stop(processes, grace_seconds)
@@ -225,7 +264,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--num_workers", type=int, required=True, help="worker processes")
     parser.add_argument("--port_base", type=int, default=0, help="first port; 0: free ports")
     parser.add_argument("--timeout_seconds", type=float, default=None, help="stop after this")
-    parser.add_argument("--grace_seconds", type=float, default=5.0, help="SIGTERM to SIGKILL")
+    parser.add_argument(
+        "--grace_seconds",
+        type=float,
+        default=DEFAULT_GRACE_SECONDS,
+        help="time the workers get between SIGTERM and SIGKILL",
+    )
     parser.add_argument("--no_prefix", action="store_true", help="no [worker i] line prefix")
     parser.add_argument(
         "command", nargs=argparse.REMAINDER, help="SCRIPT ARGS... or -m MODULE ARGS... after --"
@@ -243,8 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[launch] %(message)s")
 
+    stop = threading.Event()
+
     def _on_sigterm(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds launch(), which stops the workers
+        stop.set()  # launch() forwards it to the workers and waits for them
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
@@ -256,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix=not args.no_prefix,
             port_base=args.port_base,
             grace_seconds=args.grace_seconds,
+            stop_event=stop,
         )
     except KeyboardInterrupt:
         return 130
