@@ -144,13 +144,14 @@ def sharpness(
     if not variables:
         _fail("model", "a built model with trainable weights", model.name)
     per_example_loss = _per_example_loss(model, loss)
-    dataset = _dataset(x, y, global_batch_size, max_examples)
+    examples, num_examples = _examples(x, y, max_examples)
     strategy = strategy or tf.distribute.get_strategy()
-    evaluator = _Evaluator(model, variables, per_example_loss, strategy, dataset)
-
-    loss_sum, num_examples = evaluator.loss()
-    if num_examples == 0:
-        _fail("x", "at least one example", 0)
+    evaluator = _Evaluator(
+        model, variables, per_example_loss, strategy, examples, num_examples, global_batch_size
+    )
+    loss_sum, counted = evaluator.loss()
+    if counted != num_examples:  # every example once per pass, on any number of replicas
+        raise RuntimeError(f"Counted {counted} examples in a pass over {num_examples}.")
     base_loss = loss_sum / num_examples
     rng = np.random.default_rng(seed)
 
@@ -196,8 +197,8 @@ def _per_example_loss(model: keras.Model, loss: Any) -> Callable[[Any, Any], tf.
     return loss
 
 
-def _dataset(x: Any, y: Any, global_batch_size: int, max_examples: int | None) -> tf.data.Dataset:
-    """(x, y) examples, first `max_examples`, in global batches (the last one partial)."""
+def _examples(x: Any, y: Any, max_examples: int | None) -> tuple[tf.data.Dataset, int]:
+    """The (x, y) examples (the first `max_examples`) and their number N."""
     if isinstance(x, tf.data.Dataset):
         if y is not None:
             _fail("y", "None when `x` is a tf.data.Dataset of (x, y) batches", type(y).__name__)
@@ -205,6 +206,9 @@ def _dataset(x: Any, y: Any, global_batch_size: int, max_examples: int | None) -
         if not isinstance(spec, tuple) or len(spec) != 2:
             _fail("x", "a tf.data.Dataset of (x, y) batches", spec)
         examples = x.unbatch()
+        if max_examples is not None:
+            examples = examples.take(max_examples)
+        count = int(examples.reduce(np.int64(0), lambda n, _: n + 1))
     else:
         if y is None:
             _fail("y", "labels for the arrays `x`", None)
@@ -213,13 +217,31 @@ def _dataset(x: Any, y: Any, global_batch_size: int, max_examples: int | None) -
         sizes = {len(a) for a in tf.nest.flatten(x)} | {len(y)}
         if len(sizes) != 1:
             _fail("y", f"as many examples as `x` (sizes {sorted(sizes)})", y.shape)
-        examples = tf.data.Dataset.from_tensor_slices((x, y))
-    if max_examples is not None:
-        examples = examples.take(max_examples)
-    dataset = examples.batch(global_batch_size)
+        count = len(y) if max_examples is None else min(len(y), max_examples)
+        examples = tf.data.Dataset.from_tensor_slices((x, y)).take(count)
+    if count == 0:
+        _fail("x", "at least one example", 0)
+    return examples, count
+
+
+def _padded_batches(examples: tf.data.Dataset, global_batch_size: int) -> tf.data.Dataset:
+    """Endless full global batches of (x, y, weight): one epoch is ⌈N/B⌉ batches.
+
+    The last batch of an epoch is padded with zeros (examples of weight 0), so every global
+    batch splits across the replicas the same way, epoch after epoch, and one iterator serves
+    every pass (creating an iterator per pass costs ~30 ms).
+    """
+
+    def pad(tensor: tf.Tensor) -> tf.Tensor:
+        rows = global_batch_size - tf.shape(tensor)[0]
+        padded = tf.pad(tensor, [[0, rows]] + [[0, 0]] * (tensor.shape.rank - 1))
+        return tf.ensure_shape(padded, [global_batch_size, *tensor.shape[1:]])
+
+    weighted = examples.map(lambda x, y: (x, y, tf.constant(1.0, tf.float32)))
+    batches = weighted.batch(global_batch_size).map(lambda *b: tf.nest.map_structure(pad, b))
+    dataset = batches.repeat()
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    options.autotune.enabled = False  # one short pass per call: no tuning threads to start
     return dataset.with_options(options)
 
 
@@ -232,26 +254,30 @@ class _Evaluator:
         variables: list,
         per_example_loss: Callable[[Any, Any], tf.Tensor],
         strategy: tf.distribute.Strategy,
-        dataset: tf.data.Dataset,
+        examples: tf.data.Dataset,
+        num_examples: int,
+        global_batch_size: int,
     ) -> None:
-        self._strategy = strategy
-        self._dataset = strategy.experimental_distribute_dataset(dataset)
+        global_batch_size = min(global_batch_size, num_examples)  # pad no more than needed
+        dataset = _padded_batches(examples, global_batch_size)
+        self._iterator = iter(strategy.experimental_distribute_dataset(dataset))
+        num_batches = -(-num_examples // global_batch_size)
 
-        def batch_losses(x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        def batch_losses(x: Any, y: Any, weight: Any) -> tuple[tf.Tensor, tf.Tensor]:
+            """(Σ wᵢℓᵢ, Σ wᵢ) over a replica's batch; a loss with extra axes is averaged."""
             y_pred = tf.cast(model(x, training=False), tf.float32)
             values = tf.cast(per_example_loss(y, y_pred), tf.float32)
-            count = tf.shape(y_pred)[0]
-            per_example = tf.reshape(values, [count, -1])  # a loss with extra axes: mean them
-            per_example = tf.reduce_mean(per_example, axis=1)
-            return tf.reduce_sum(tf.cast(per_example, tf.float64)), tf.cast(count, tf.float64)
+            per_example = tf.reduce_mean(tf.reshape(values, [tf.shape(weight)[0], -1]), axis=1)
+            return tf.reduce_sum(per_example * weight), tf.reduce_sum(weight)
 
-        def replica_loss(x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
-            return batch_losses(x, y)
+        def replica_loss(x: Any, y: Any, weight: Any) -> tuple[tf.Tensor, tf.Tensor]:
+            total, count = batch_losses(x, y, weight)
+            return tf.cast(total, tf.float64), tf.cast(count, tf.float64)
 
-        def replica_hvp(x: Any, y: Any, vector: list) -> list:
+        def replica_hvp(x: Any, y: Any, weight: Any, vector: tuple) -> list:
             with tf.GradientTape() as outer:
                 with tf.GradientTape() as inner:
-                    loss_sum, _ = batch_losses(x, y)
+                    loss_sum, _ = batch_losses(x, y, weight)
                 grads = inner.gradient(
                     loss_sum, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
                 )
@@ -267,20 +293,21 @@ class _Evaluator:
             )
 
         @tf.function
-        def loss_pass(data: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        def loss_pass(iterator: Any) -> tuple[tf.Tensor, tf.Tensor]:
             total = tf.zeros([], tf.float64)
             count = tf.zeros([], tf.float64)
-            for x, y in data:
-                batch_total, batch_count = reduce(strategy.run(replica_loss, args=(x, y)))
+            for _ in tf.range(num_batches):
+                batch_total, batch_count = reduce(strategy.run(replica_loss, next(iterator)))
                 total += batch_total
                 count += batch_count
             return total, count
 
         @tf.function
-        def hvp_pass(data: Any, vector: tuple) -> tuple:
+        def hvp_pass(iterator: Any, vector: tuple) -> tuple:
             total = tuple(tf.zeros(v.shape, tf.float64) for v in variables)
-            for x, y in data:
-                hvp = reduce(strategy.run(replica_hvp, args=(x, y, vector)))
+            for _ in tf.range(num_batches):
+                x, y, weight = next(iterator)
+                hvp = reduce(strategy.run(replica_hvp, args=(x, y, weight, vector)))
                 total = tuple(t + h for t, h in zip(total, hvp))
             return total
 
@@ -289,14 +316,14 @@ class _Evaluator:
         self._dtypes = [tf.as_dtype(v.dtype) for v in variables]
 
     def loss(self) -> tuple[float, int]:
-        """(Σᵢ ℓᵢ, N) over the data, summed across replicas."""
-        total, count = self._loss_pass(self._dataset)
+        """(Σᵢ ℓᵢ, N) over one epoch of the data, summed across replicas."""
+        total, count = self._loss_pass(self._iterator)
         return float(total), int(round(float(count)))
 
     def hvp_sum(self, vector: list[np.ndarray]) -> list[np.ndarray]:
-        """Σᵢ ∇²ℓᵢ v, per variable, in float64."""
+        """Σᵢ ∇²ℓᵢ v over one epoch, per variable, in float64."""
         tensors = tuple(tf.constant(v, dtype) for v, dtype in zip(vector, self._dtypes))
-        return [h.numpy() for h in self._hvp_pass(self._dataset, tensors)]
+        return [h.numpy() for h in self._hvp_pass(self._iterator, tensors)]
 
 
 def _dot(a: list[np.ndarray], b: list[np.ndarray]) -> float:
