@@ -313,7 +313,7 @@ def _numpy_lars(params, grads_per_step, adapted, lr, m, wd, tc, eps, nesterov):
             local_lr = lr
             if adapted[i]:
                 w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
-                if w_norm > 0 and g_norm > 0:
+                if w_norm > 0 and g_norm + wd * w_norm + eps > 0:
                     local_lr = lr * tc * w_norm / (g_norm + wd * w_norm + eps)
                 g = g + wd * w
             vel[i] = m * vel[i] + local_lr * g
@@ -368,18 +368,47 @@ def test_lars_first_step_by_hand():
     np.testing.assert_allclose(w.numpy(), [[3.0 - 0.02, 4.0 - 1.4 / 15]], rtol=1e-6)
 
 
+def _lars_one_step(w0, g, **kwargs):
+    w = keras.Variable(np.asarray(w0, np.float32))
+    LARS(**kwargs).apply_gradients([(tf.constant(np.asarray(g, np.float32)), w)])
+    return w.numpy()
+
+
 @pytest.mark.parametrize(
     "w0, g, want",
     [
         (np.zeros((2, 2)), np.ones((2, 2)), -0.5 * np.ones((2, 2))),  # ‖w‖=0: local_lr = η
-        (np.ones((2, 2)), np.zeros((2, 2)), np.ones((2, 2)) * (1 - 0.5 * 0.1)),  # ‖g‖=0
+        # ‖g‖=0: local_lr = 0.5·0.001·2/(0.1·2) = 0.005, step 0.005·λw = 5e-4·w = η·tc·w
+        (np.ones((2, 2)), np.zeros((2, 2)), np.ones((2, 2)) * (1 - 0.5 * 0.001)),
     ],
 )
-def test_lars_trust_ratio_is_one_at_zero_norm(w0, g, want):
-    w = keras.Variable(w0.astype(np.float32))
-    opt = LARS(learning_rate=0.5, weight_decay=0.1, trust_coefficient=0.001)
-    opt.apply_gradients([(tf.constant(g, tf.float32), w)])
-    np.testing.assert_allclose(w.numpy(), want, rtol=1e-6)
+def test_lars_trust_ratio_is_one_only_at_zero_weight_norm(w0, g, want):
+    got = _lars_one_step(w0, g, learning_rate=0.5, weight_decay=0.1, trust_coefficient=0.001)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-12, 1e-9])
+def test_lars_zero_gradient_follows_the_formula(scale):
+    # Issue 11: η = 1, η_LARS = 1e-3, λ = 1e-4. A zero gradient moves w by η·η_LARS·w, and
+    # a tiny one by about as much (the step is continuous in ‖g‖ → 0), not by η·λ·w.
+    rng = np.random.default_rng(11)
+    w0 = rng.normal(size=(4, 3))
+    g = scale * rng.normal(size=(4, 3))
+    kw = dict(learning_rate=1.0, weight_decay=1e-4, trust_coefficient=1e-3, momentum=0.9)
+    got = _lars_one_step(w0, g, **kw)
+    want = _numpy_lars(
+        [w0.astype(np.float32)], [[g.astype(np.float32)]], [True], 1.0, 0.9, 1e-4, 1e-3, 0.0, False
+    )[0][0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    if scale == 0.0:
+        np.testing.assert_allclose(w0.astype(np.float32) - got, 1e-3 * w0, rtol=1e-4)
+    np.testing.assert_allclose(w0 - got, 1e-3 * w0, rtol=1e-2)  # far from η·λ·w = 1e-4·w
+
+
+def test_lars_zero_gradient_without_decay_or_epsilon_stays_put():
+    # ‖g‖ + λ‖w‖ + ε = 0: the ratio is undefined, but the step g + λw is 0; no NaN.
+    got = _lars_one_step(np.ones((2, 2)), np.zeros((2, 2)), weight_decay=0.0, epsilon=0.0)
+    np.testing.assert_array_equal(got, np.ones((2, 2)))
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ equivalent form used here keeps a learning-rate-free buffer u (velocity ≡ −�
 
 LARS (You et al. 2017) adapts the rate per variable with a trust ratio::
 
-    local_lr = η·trust_coefficient·‖w‖ / (‖g‖ + λ‖w‖ + epsilon)    (η if ‖w‖ = 0 or ‖g‖ = 0)
+    local_lr = η·trust_coefficient·‖w‖ / (‖g‖ + λ‖w‖ + epsilon)    (η if ‖w‖ = 0)
     v ← m·v + local_lr·(g + λ·w)
     w ← w − v                     (nesterov: w ← w − (m·v + local_lr·(g + λ·w)))
 
@@ -195,7 +195,12 @@ class LARS(_MomentumVariable, keras.optimizers.Optimizer):
     For each variable w with gradient g (already all-reduced across replicas)::
 
         local_lr = η·trust_coefficient·‖w‖ / (‖g‖ + λ‖w‖ + epsilon)
-                   (= η when ‖w‖ = 0 or ‖g‖ = 0, as in the TF Model Garden)
+                   (= η only when ‖w‖ = 0, as in the TF Model Garden and optax)
+
+    The formula holds whenever ‖w‖ > 0, a zero gradient included: with g = 0 and λ > 0 the
+    step is local_lr·λw = η·trust_coefficient·w·λ‖w‖/(λ‖w‖ + epsilon), ≈ η·trust_coefficient·w
+    (continuous as ‖g‖ → 0). When the denominator is 0 (g = 0, λ = 0, epsilon = 0) the step
+    g + λw is 0 and the ratio is taken as 1.
         v ← m·v + local_lr·(g + λ·w)
         w ← w − v                 (nesterov: w ← w − (m·v + local_lr·(g + λ·w)))
 
@@ -307,14 +312,13 @@ class LARS(_MomentumVariable, keras.optimizers.Optimizer):
             lam = ops.cast(self.weight_decay or 0.0, dtype)
             w_norm = ops.sqrt(ops.sum(ops.square(variable)))
             g_norm = ops.sqrt(ops.sum(ops.square(g)))
-            ratio = ops.divide(
-                ops.multiply(self.trust_coefficient, w_norm),
-                ops.add(ops.add(g_norm, ops.multiply(lam, w_norm)), self.epsilon),
-            )
+            denominator = ops.add(ops.add(g_norm, ops.multiply(lam, w_norm)), self.epsilon)
             one = ops.ones_like(w_norm)
-            ratio = ops.where(
-                ops.greater(w_norm, 0), ops.where(ops.greater(g_norm, 0), ratio, one), one
+            defined = ops.logical_and(ops.greater(w_norm, 0), ops.greater(denominator, 0))
+            ratio = ops.divide(
+                ops.multiply(self.trust_coefficient, w_norm), ops.where(defined, denominator, one)
             )
+            ratio = ops.where(defined, ratio, one)
             local_lr = ops.multiply(lr, ratio)
             g = ops.add(g, ops.multiply(lam, variable))
         else:
