@@ -17,9 +17,10 @@ over the trainable weights w, on the whole training set (or its first `max_examp
   a trace-weighted, scale-invariant companion to λ_max.
 
 Distributed like evaluation: each global batch is split across the replicas of `strategy`
-(`experimental_distribute_dataset`, data sharding), every replica returns sums over its
-examples (of losses, of HVPs), the sums are reduced across replicas with SUM and divided by
-the total number of examples N, so the figures do not depend on the number of replicas.
+(`experimental_distribute_dataset`, data sharding; the last batch of a pass is padded with
+zero-weight examples), every replica returns weighted sums over its examples (of losses, of
+HVPs), the sums are reduced across replicas with SUM and divided by the total number of
+examples N, so the figures do not depend on the number of replicas (nor on the batch size).
 
 References:
   Keskar et al. 2017, "On Large-Batch Training for Deep Learning: Generalization Gap and Sharp
@@ -92,8 +93,8 @@ def sharpness(
       loss: A Keras loss (object, name or ``fn(y_true, y_pred)`` returning per-example
         values). None: the model's compiled loss if it is compiled, else sparse categorical
         cross-entropy from logits.
-      global_batch_size: Examples per step over all replicas (memory only: the result does
-        not depend on it).
+      global_batch_size: Examples per step over all replicas, at most N (memory only: the
+        result does not depend on it).
       strategy: The `tf.distribute.Strategy` to split batches over; None: the current one
         (`tf.distribute.get_strategy()`).
       num_power_iterations: Maximum number of HVPs (each one pass over the data).
@@ -108,8 +109,9 @@ def sharpness(
       A dict of plain Python numbers and lists (JSON-ready):
       ``hessian_top_eigenvalue`` (the last Rayleigh quotient λₖ),
       ``hessian_eigenvalue_estimates`` (λ₁ … λₖ, to judge convergence),
-      ``hessian_power_iterations`` (k), ``hessian_relative_change`` (|λₖ − λₖ₋₁|/|λₖ|, NaN
-      after one iteration), ``hessian_residual`` (‖Hv − λv‖/|λ| at the last v),
+      ``hessian_power_iterations`` (k), ``hessian_relative_change`` (|λₖ − λₖ₋₁|/|λₖ|, None
+      after one iteration), ``hessian_residual`` (‖Hv − λv‖/|λ| at the last v; small when
+      v is an eigenvector, None if λ = 0),
       ``loss`` (L(w)), ``perturbed_loss_increase`` (the mean rise),
       ``perturbed_loss_increases`` (one per direction), ``perturbation_size``,
       ``num_examples`` (N) and ``num_parameters``.
@@ -117,6 +119,10 @@ def sharpness(
     Raises:
       ValueError: a bad argument (named, with its value), mismatched or empty data, or a
         model without trainable weights.
+
+    Note:
+      Called outside a ``strategy.scope()`` with ``strategy=None`` it runs on one device, even
+      for a model whose variables a strategy mirrors; pass that strategy to split the work.
 
     Example:
       >>> model = build_model("mlp", (40, 1), 10, seed=0)
@@ -337,28 +343,32 @@ def _power_iteration(
     num_iterations: int,
     tolerance: float,
     rng: np.random.Generator,
-) -> tuple[list[float], float, float]:
+) -> tuple[list[float], float | None, float | None]:
     """Rayleigh quotients λ₁…λₖ, the last relative change and residual ‖Hv − λv‖/|λ|."""
     vector = [rng.standard_normal(tuple(v.shape)) for v in variables]
     norm = np.sqrt(_dot(vector, vector))
     vector = [v / norm for v in vector]
     estimates: list[float] = []
-    relative_change, residual = float("nan"), float("nan")
+    relative_change: float | None = None
+    residual: float | None = None
     for _ in range(num_iterations):
         hv = [h / num_examples for h in evaluator.hvp_sum(vector)]
         estimate = _dot(vector, hv)  # v is unit: the Rayleigh quotient
         diff = [h - estimate * v for h, v in zip(hv, vector)]
-        scale = abs(estimate) if estimate != 0 else float("nan")
-        residual = float(np.sqrt(_dot(diff, diff)) / scale)
+        residual = float(np.sqrt(_dot(diff, diff)) / abs(estimate)) if estimate else None
         if estimates:
-            relative_change = abs(estimate - estimates[-1]) / scale
+            change = abs(estimate - estimates[-1])
+            if estimate:
+                relative_change = change / abs(estimate)
+            else:  # H v = 0 along v: exact if the last estimate was 0 too
+                relative_change = 0.0 if change == 0 else float("inf")
         estimates.append(estimate)
         hv_norm = np.sqrt(_dot(hv, hv))
-        converged = tolerance > 0 and len(estimates) > 1 and relative_change <= tolerance
-        if hv_norm == 0.0 or converged:
+        converged = relative_change is not None and relative_change <= tolerance
+        if hv_norm == 0.0 or (tolerance > 0 and converged):
             break
         vector = [h / hv_norm for h in hv]
-    return estimates, float(relative_change), residual
+    return estimates, relative_change, residual
 
 
 def _perturbed_increases(
