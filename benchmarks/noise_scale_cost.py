@@ -50,7 +50,8 @@ def measure(model: str, replicas: int, epochs: int, rounds: int, batch: int) -> 
                     ),
                     strategy=strategy,
                 )
-                results = trainer.fit(d.x_train, d.y_train)
+                trainer.fit(d.x_train, d.y_train)
+                results = trainer.results
             speeds[measured] += [h["examples_per_second"] for h in results["history"][1:]]
     out["examples_per_second"] = median(speeds[False])
     out["examples_per_second_measuring"] = median(speeds[True])

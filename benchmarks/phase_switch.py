@@ -69,7 +69,8 @@ def trainer_round(ctx: dict[str, Any], plan: Any, k: int) -> dict[str, Any]:
             model_dir=model_dir, verbose=0, steps_per_execution=k, save_model=False
         )
         trainer = Trainer(ctx["model_fn"], plan, config, strategy=ctx["strategy"])
-        results = trainer.fit(ctx["x"], ctx["y"])
+        trainer.fit(ctx["x"], ctx["y"])
+        results = trainer.results
     changes = []
     for phase, seconds in zip(plan.phases[1:], results["phase_switch_seconds"]):
         speeds = [

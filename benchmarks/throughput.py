@@ -256,7 +256,8 @@ def run_trainer(ctx: dict[str, Any], steps_per_execution: int) -> dict[str, Any]
             ),
             strategy=ctx["strategy"],
         )
-        results = trainer.fit(ctx["x"], ctx["y"])
+        trainer.fit(ctx["x"], ctx["y"])
+        results = trainer.results
     history = results["history"]
     timed = sum(
         h["global_batch_size"] * ctx["steps_per_epoch"] / h["examples_per_second"] for h in history

@@ -44,7 +44,8 @@ def train(d, tmp_path, epochs=4, loss=None, **config):
         loss=loss,
         strategy=tf.distribute.OneDeviceStrategy("/cpu:0"),
     )
-    results = trainer.fit(d.x_train, d.y_train, validation_data=(d.x_test, d.y_test))
+    trainer.fit(d.x_train, d.y_train, validation_data=(d.x_test, d.y_test))
+    results = trainer.results
     return trainer, results
 
 

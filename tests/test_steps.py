@@ -62,7 +62,8 @@ def test_recovers_noise_scale_of_linear_regression(replicas, tmp_path):
         loss=keras.losses.MeanSquaredError(),
         strategy=strategy_for(replicas),
     )
-    results = trainer.fit(x, y)
+    trainer.fit(x, y)
+    results = trainer.results
     measured = results["history"][-1]["noise_scale"]
     assert measured == pytest.approx(expected, rel=0.10)
     assert len(results["noise_scale_steps"]) == plan.total_steps
@@ -94,7 +95,8 @@ def run_digits(tmp_path, replicas, measure, name):
         ),
         strategy=strategy_for(replicas),
     )
-    return trainer, trainer.fit(d.x_train, d.y_train)
+    trainer.fit(d.x_train, d.y_train)
+    return trainer, trainer.results
 
 
 def test_estimate_does_not_depend_on_replica_count(tmp_path):

@@ -74,8 +74,9 @@ def train(d, tmp_path, replicas=1, plan=None, name=None, die_after_calls=None, *
         strategy=strategy,
     )
     if die_after_calls is not None:
-        trainer._step = Dying(trainer._step, die_after_calls)
-    results = trainer.fit(d.x_train, d.y_train, validation_data=(d.x_test, d.y_test))
+        trainer.train_step = Dying(trainer.train_step, die_after_calls)
+    trainer.fit(d.x_train, d.y_train, validation_data=(d.x_test, d.y_test))
+    results = trainer.results
     return trainer, results
 
 
@@ -255,7 +256,8 @@ def test_extra_validation_metrics(digits, tmp_path):
         metrics=metrics,
         strategy=mirrored(2),
     )
-    r = trainer.fit(digits.x_train, digits.y_train, validation_data=(digits.x_test, digits.y_test))
+    trainer.fit(digits.x_train, digits.y_train, validation_data=(digits.x_test, digits.y_test))
+    r = trainer.results
     assert r["test_top1"] == pytest.approx(r["test_accuracy"])  # same quantity, two ways
     assert r["test_top3"] >= r["test_top1"] and r["test_top3"] > 0.95
     assert all("test_top3" in h for h in r["history"])

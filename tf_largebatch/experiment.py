@@ -210,9 +210,8 @@ def run_experiment(config: ExperimentConfig, *, on_plan: Any = None) -> dict[str
         optimizer_fn=_optimizer_fn(config, plan),
         strategy=strategy,
     )
-    results = trainer.fit(
-        arrays.x_train, arrays.y_train, validation_data=(arrays.x_test, arrays.y_test)
-    )
+    trainer.fit(arrays.x_train, arrays.y_train, validation_data=(arrays.x_test, arrays.y_test))
+    results = trainer.results
     results.update(dataset=arrays.name, model=model_name, config=dataclasses.asdict(config))
     trainer.state.write("results.json", results)
     return results

@@ -188,7 +188,8 @@ def run_imagenet(
     trainer = training.Trainer(
         model_fn, plan, trainer_config, optimizer_fn=optimizer_fn, strategy=strategy
     )
-    results = trainer.fit(source, validation_data=source.make_eval_dataset(config.eval_batch_size))
+    trainer.fit(source, validation_data=source.make_eval_dataset(config.eval_batch_size))
+    results = trainer.results
     results.update(dataset=config.dataset, model=config.model, config=dataclasses.asdict(config))
     trainer.state.write("results.json", results)  # chief only
     return results

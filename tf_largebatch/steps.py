@@ -1,16 +1,22 @@
-"""The compiled data-parallel training step used by the `Trainer`.
+"""The compiled data-parallel steps used by the `Trainer`: training and evaluation.
 
-Per replica: forward/backward over the replica's batch (in micro-batches when it is larger
-than memory allows, gradients summed), loss normalised by the *global* batch (Goyal et al.
-Remark 3) so that the sum over replicas of the gradients is the global-batch gradient, then
-``optimizer.apply_gradients`` (Keras all-reduces in replica context). Optionally the gradient
-noise scale is measured on the way (McCandlish et al. 2018 App. A.1): the squared norm of the
-small-batch gradients each replica (and micro-batch) holds, and of the all-reduced one.
+Training, per replica: unpack the batch (``(x, y)`` or ``(x, y, sample_weight)``, nested
+structures allowed), forward/backward in micro-batches when the replica's batch is larger than
+memory allows (gradients summed), the loss normalised so that the sum over replicas and
+micro-batches is the *global*-batch loss (Goyal et al. Remark 3; Keras's compiled losses are a
+mean over the replica's batch scaled by 1/replicas, regularisation is scaled the same way once
+per step), then ``optimizer.apply_gradients`` (Keras all-reduces in replica context) and the
+compiled metrics. Optionally the gradient noise scale is measured on the way (McCandlish et al.
+2018 App. A.1): the squared norm of the small-batch gradients each replica (and micro-batch)
+holds, and of the all-reduced one.
+
+Subclass and override `TrainStep.unpack`, `TrainStep.compute_loss` or
+`TrainStep.update_metrics` to change one part, as Keras's `train_step` / `compute_loss` allow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -19,34 +25,47 @@ import tensorflow as tf
 from tf_largebatch.noise import NoiseScaleEstimator, gradient_noise_components, squared_norm
 
 
+def metric_results(model: keras.Model, skip: Sequence[Any] = ()) -> dict[str, Any]:
+    """The model's compiled metrics as ``{name: value}`` (Keras's ``get_metrics_result``)."""
+    results: dict[str, Any] = {}
+    for metric in model.metrics:
+        if any(metric is s for s in skip):
+            continue
+        value = metric.result()
+        results.update(value if isinstance(value, dict) else {metric.name: value})
+    return results
+
+
+def _overrides_compute_loss(model: keras.Model) -> bool:
+    return type(model).compute_loss is not keras.Model.compute_loss
+
+
 class TrainStep:
     """``num_steps`` training steps in one `tf.function` call, under any strategy.
 
     Args:
-      model: the Keras model (built under ``strategy.scope()``).
-      optimizer: the Keras optimizer (built for the model's variables).
-      loss_fn: ``(y_true, logits) -> per-example losses``.
+      model: a compiled Keras model built under ``strategy.scope()``.
+      optimizer: the optimizer (built for the model's variables; a `LossScaleOptimizer` under
+        mixed float16).
       strategy: the `tf.distribute` strategy.
       jit_compile: XLA-compile the per-replica forward/backward pass.
       noise_estimator: if given, updated every step with the |G|² and tr(Σ) estimates.
 
-    Calling it returns ``(loss_sum, correct_sum, b_simple)`` over the steps run: the sum of
-    the global-batch mean losses, the number of correct top-1 predictions, and the estimator's
-    B_simple after the last step (NaN without an estimator).
+    Calling it returns ``(loss_sum, metrics, b_simple)``: the sum over the steps run of the
+    global-batch losses, the compiled metrics over the epoch so far (``{name: value}``), and the
+    estimator's B_simple after the last step (NaN without an estimator).
     """
 
     def __init__(
         self,
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer,
-        loss_fn: Callable[[Any, Any], Any],
         strategy: tf.distribute.Strategy,
         *,
         jit_compile: bool = False,
         noise_estimator: NoiseScaleEstimator | None = None,
     ) -> None:
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.strategy = strategy
+        self.model, self.optimizer, self.strategy = model, optimizer, strategy
         self.noise_estimator = noise_estimator
         self.trace_count = 0
         self._jit_compile = jit_compile
@@ -62,61 +81,82 @@ class TrainStep:
         self._steps = tf.function(self._steps_fn)
 
     def __call__(
-        self, iterator: Any, num_steps: int, global_batch_size: int, num_micro: int
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        return self._steps(
-            iterator, tf.constant(num_steps), tf.constant(float(global_batch_size)), num_micro
-        )
+        self, iterator: Any, num_steps: int, num_micro: int
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor]:
+        return self._steps(iterator, tf.constant(num_steps), num_micro)
 
-    def _forward_backward_fn(
-        self, x: tf.Tensor, y: tf.Tensor, global_batch_size: tf.Tensor, reg_weight: Any
-    ) -> tuple[Any, Any, Any]:
+    # ---- hooks ------------------------------------------------------------------------------
+
+    def unpack(self, data: Any) -> tuple[Any, Any, Any]:
+        """``(x, y, sample_weight)`` from one batch (Keras's convention)."""
+        return keras.utils.unpack_x_y_sample_weight(data)
+
+    def compute_loss(self, x: Any, y: Any, y_pred: Any, sample_weight: Any) -> tf.Tensor:
+        """This replica's share of the global-batch loss (summed over replicas: the loss).
+
+        The compiled loss (any Keras loss, several outputs, ``loss_weights``) is a mean over
+        this replica's batch divided by the replica count, as in ``model.fit``; regularisation
+        losses are divided by the replica count too (``model.fit`` adds them on every
+        replica). A model that overrides ``compute_loss`` is called as ``model.fit`` calls it.
+        """
+        if _overrides_compute_loss(self.model):
+            return self.model.compute_loss(x, y, y_pred, sample_weight, training=True)
+        loss = self.model._compile_loss(y, y_pred, sample_weight)  # noqa: SLF001 (Keras's)
+        loss = tf.cast(loss, tf.float32) if loss is not None else tf.constant(0.0)
+        if self.model.losses:
+            reg = tf.add_n([tf.cast(v, tf.float32) for v in self.model.losses])
+            loss += tf.nn.scale_regularization_loss(reg)
+        return loss
+
+    def update_metrics(self, x: Any, y: Any, y_pred: Any, sample_weight: Any) -> None:
+        """Updates the compiled metrics with one (micro-)batch."""
+        compiled = getattr(self.model, "_compile_metrics", None)
+        if compiled is not None:
+            compiled.update_state(y, y_pred, sample_weight)
+
+    # ---- the computation --------------------------------------------------------------------
+
+    def _forward_backward_fn(self, data: Any, weight: float) -> tuple[Any, Any]:
+        x, y, sample_weight = self.unpack(data)
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            logits = self.model(x, training=True)
-            per_example = tf.cast(self.loss_fn(y, logits), tf.float32)
-            loss = tf.reduce_sum(per_example) / global_batch_size
-            if self.model.losses:
-                reg = tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
-                loss += reg_weight * tf.cast(reg, tf.float32)
+            y_pred = self.model(x, training=True)
+            loss = tf.cast(self.compute_loss(x, y, y_pred, sample_weight), tf.float32) * weight
             scaled = self.optimizer.scale_loss(loss)  # loss scaling under mixed float16
         grads = tape.gradient(scaled, variables)
-        labels = tf.cast(tf.reshape(y, [-1]), tf.int32)
-        hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
-        return loss, grads, tf.reduce_sum(tf.cast(hits, tf.float32))
+        self.update_metrics(x, y, y_pred, sample_weight)
+        return loss, grads
 
-    def _replica_step(
-        self, x: tf.Tensor, y: tf.Tensor, global_batch_size: tf.Tensor, num_micro: int
-    ) -> tuple[Any, Any, Any]:
+    def _replica_step(self, data: Any, num_micro: int) -> tuple[Any, Any, Any]:
         variables = self.model.trainable_variables
         measure = self.noise_estimator is not None
         small_sq = tf.constant(0.0)
         if num_micro == 1:
-            loss, grads, correct = self._forward_backward(x, y, global_batch_size, 1.0)
+            loss, grads = self._forward_backward(data, 1.0)
             if measure:
                 small_sq = squared_norm(grads)
         else:
-            xs = tf.reshape(x, [num_micro, -1, *x.shape[1:]])
-            ys = tf.reshape(y, [num_micro, -1, *y.shape[1:]])
-            loss, correct = tf.constant(0.0), tf.constant(0.0)
+            parts = tf.nest.map_structure(
+                lambda t: tf.reshape(t, [num_micro, -1, *t.shape[1:]]), data
+            )
+            loss = tf.constant(0.0)
             grads = [tf.zeros_like(v) for v in variables]
             for i in tf.range(num_micro):
-                part_loss, part_grads, part_correct = self._forward_backward(
-                    xs[i], ys[i], global_batch_size, 1.0 / num_micro
-                )
+                part = tf.nest.map_structure(lambda t: t[i], parts)  # noqa: B023
+                part_loss, part_grads = self._forward_backward(part, 1.0 / num_micro)
                 loss += part_loss
-                correct += part_correct
                 grads = [g + p for g, p in zip(grads, part_grads)]
                 if measure:
                     small_sq += squared_norm(part_grads)
         g2 = trace = tf.constant(0.0)
+        size = tf.cast(tf.shape(tf.nest.flatten(data)[0])[0], tf.float32)
         if measure:
-            grads, g2, trace = self._noise_components(grads, small_sq, global_batch_size, num_micro)
+            grads, g2, trace = self._noise_components(grads, small_sq, size, num_micro)
         if measure and self.strategy.num_replicas_in_sync > 1:
             self._apply_reduced(grads, variables)
         else:
             self.optimizer.apply_gradients(zip(grads, variables))
-        return tf.stack([loss, correct]), g2, trace
+        return loss, g2, trace
 
     @tf.autograph.experimental.do_not_convert
     def _apply_reduced(self, grads: list[Any], variables: list[Any]) -> None:
@@ -143,12 +183,13 @@ class TrainStep:
                 vars(o).pop("_all_reduce_sum_gradients", None)
 
     def _noise_components(
-        self, grads: list[Any], small_sq: Any, global_batch_size: tf.Tensor, num_micro: int
+        self, grads: list[Any], small_sq: Any, replica_batch: tf.Tensor, num_micro: int
     ) -> tuple[list[Any], Any, Any]:
         """Small batch b = B/(replicas·micro-batches): each part's gradient is (b/B)·G_small."""
         context = tf.distribute.get_replica_context()
         replicas = self.strategy.num_replicas_in_sync
         parts = float(replicas * num_micro)
+        global_batch_size = replica_batch * replicas
         small_sq = small_sq * parts * parts / num_micro  # mean of |G_small|² on this replica
         if replicas > 1:  # one batched all-reduce for the gradients and the small norms
             *reduced, small_sq = context.all_reduce(
@@ -164,19 +205,15 @@ class TrainStep:
         return grads, g2, trace
 
     def _steps_fn(
-        self, iterator: Any, num_steps: tf.Tensor, global_batch_size: tf.Tensor, num_micro: int
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        self, iterator: Any, num_steps: tf.Tensor, num_micro: int
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor]:
         self.trace_count += 1  # Python side effect: runs once per trace
-        loss_sum, correct_sum = tf.constant(0.0), tf.constant(0.0)
-        sum_op = tf.distribute.ReduceOp.SUM
+        loss_sum = tf.constant(0.0)
         for _ in tf.range(num_steps):
-            x, y = next(iterator)
-            both, g2, trace = self.strategy.run(
-                self._replica_step, args=(x, y, global_batch_size, num_micro)
+            loss, g2, trace = self.strategy.run(
+                self._replica_step, args=(next(iterator), num_micro)
             )
-            both = self.strategy.reduce(sum_op, both, axis=None)  # [loss, correct]: one reduction
-            loss_sum += both[0]
-            correct_sum += both[1]
+            loss_sum += self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
             if self.noise_estimator is not None:  # identical on every replica: take the first
                 local = self.strategy.experimental_local_results
                 self.noise_estimator.update(local(g2)[0], local(trace)[0])
@@ -185,4 +222,52 @@ class TrainStep:
             if self.noise_estimator is not None
             else tf.constant(float("nan"))
         )
-        return loss_sum, correct_sum, b_simple
+        return loss_sum, metric_results(self.model, [self.model._loss_tracker]), b_simple
+
+
+class EvalStep:
+    """Distributed evaluation: each replica evaluates its piece (possibly empty) of a batch.
+
+    The loss is tracked as ``model.evaluate`` tracks it (the compiled loss plus regularisation,
+    weighted by the number of examples), with a `keras.metrics.Mean` whose per-replica sums are
+    added across replicas, so every example counts once whatever the replica count.
+
+    Args:
+      model: the compiled model.
+      strategy: the `tf.distribute` strategy.
+      loss_tracker: a `keras.metrics.Mean` created under ``strategy.scope()``.
+    """
+
+    def __init__(
+        self, model: keras.Model, strategy: tf.distribute.Strategy, loss_tracker: Any
+    ) -> None:
+        self.model, self.strategy, self.loss_tracker = model, strategy, loss_tracker
+        self.unpack = keras.utils.unpack_x_y_sample_weight
+        self._steps = tf.function(self._steps_fn)
+
+    def __call__(self, iterator: Any, num_steps: int) -> dict[str, tf.Tensor]:
+        return self._steps(iterator, tf.constant(num_steps))
+
+    def _replica_step(self, data: Any) -> None:
+        x, y, sample_weight = self.unpack(data)
+        y_pred = self.model(x, training=False)
+        size = tf.shape(tf.nest.flatten(x)[0])[0]
+        if _overrides_compute_loss(self.model):
+            loss = self.model.compute_loss(x, y, y_pred, sample_weight, training=False)
+        else:
+            loss = self.model._compile_loss(y, y_pred, sample_weight)  # noqa: SLF001
+            loss = tf.cast(loss, tf.float32) * self.strategy.num_replicas_in_sync  # unscale
+            if self.model.losses:
+                loss += tf.add_n([tf.cast(v, tf.float32) for v in self.model.losses])
+        self.loss_tracker.update_state(tf.cast(loss, tf.float32), sample_weight=size)
+        compiled = getattr(self.model, "_compile_metrics", None)
+        if compiled is not None:
+            compiled.update_state(y, y_pred, sample_weight)
+
+    def _steps_fn(self, iterator: Any, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
+        for _ in tf.range(num_steps):
+            self.strategy.run(self._replica_step, args=(next(iterator),))
+        return {
+            "loss": self.loss_tracker.result(),
+            **metric_results(self.model, [self.model._loss_tracker]),
+        }

@@ -1,20 +1,28 @@
-"""`Trainer`: the distributed training loop that follows a `PhasePlan`.
+"""`Trainer`: a drop-in for ``model.fit`` that follows a `PhasePlan` under any strategy.
 
-Under any `tf.distribute` strategy (one device, MirroredStrategy, MultiWorkerMirroredStrategy)
-it does what Goyal et al. 2017 §2–3 ask of data-parallel SGD:
+It takes what ``model.fit`` takes — a compiled model (or loss/metrics/optimizer arguments for an
+uncompiled one), arrays, dicts of arrays, an unbatched `tf.data.Dataset` or a ``dataset_fn``,
+sample weights, validation data and Keras callbacks — and returns a `keras.callbacks.History`,
+on one device, `MirroredStrategy` or `MultiWorkerMirroredStrategy` (where Keras 3's
+``model.fit`` fails, keras-team/keras#20585). It does what Goyal et al. 2017 §2–3 ask of
+data-parallel SGD:
 
-- loss averaged over the *global* batch (Remark 3; see `steps.TrainStep`), so the result does
-  not depend on the number of replicas;
+- loss averaged over the *global* batch (Remark 3; `steps.TrainStep`), so results do not depend
+  on the replica count;
 - one permutation of the training set per epoch shared by every worker (Remark 4), the input
-  pipeline rebuilt with `distribute_datasets_from_function` at every phase's batch size;
-- the plan's learning rate (a schedule on ``optimizer.iterations``) and momentum, with
-  momentum correction in our `SGD`;
+  pipeline rebuilt with `distribute_datasets_from_function` at every phase's batch size
+  (`inputs`);
+- the plan's learning rate (a schedule on ``optimizer.iterations``, put in place of the
+  optimizer's learning rate) and momentum (where the optimizer has one);
 - gradient accumulation when a per-replica batch exceeds ``max_per_replica_batch_size``;
-- checkpoints of model, optimizer, epoch, phase and step (chief writes, other workers write to
-  temporary directories that are removed); rerunning with the same ``model_dir`` resumes;
-- optionally the gradient noise scale, and an adaptive policy that grows the batch towards it.
+- checkpoints of model, optimizer, epoch, phase and step; rerunning with the same
+  ``model_dir`` resumes; a non-finite loss stops the run before anything is saved over the
+  last good checkpoint;
+- optionally the gradient noise scale, and an adaptive policy (`callbacks.AdaptiveBatchSize`)
+  that grows the batch towards it.
 
-Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+The loop (this module) owns phases, evaluation cadence, checkpoints and callbacks; the compiled
+computation is `steps.TrainStep` / `steps.EvalStep`, whose hooks a subclass can override.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_largebatch import data as data_lib
+from tf_largebatch import callbacks as callbacks_lib
 from tf_largebatch import distribute as distribute_lib
+from tf_largebatch import inputs as inputs_lib
 from tf_largebatch import noise as noise_lib
 from tf_largebatch._validation import (
     check_choice,
@@ -44,7 +53,7 @@ from tf_largebatch._validation import (
 from tf_largebatch.checkpoints import RunState
 from tf_largebatch.fitting import set_momentum
 from tf_largebatch.phases import PhasePlan
-from tf_largebatch.steps import TrainStep
+from tf_largebatch.steps import EvalStep, TrainStep
 
 _log = logging.getLogger(__name__)
 Schedule = keras.optimizers.schedules.LearningRateSchedule
@@ -142,37 +151,66 @@ def micro_batches(per_replica_batch_size: int, max_per_replica_batch_size: int |
     return k
 
 
-def _per_example_loss(loss: Any) -> Callable[[Any, Any], Any]:
-    """A Keras loss (name or object) recast to return one loss per example."""
-    loss = keras.losses.get(loss)
-    if isinstance(loss, keras.losses.Loss):
-        return loss.__class__.from_config({**loss.get_config(), "reduction": None})
-    return loss  # a plain function (y_true, y_pred) -> per-example losses
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; nothing was saved after the last good state."""
+
+
+_BOOKKEEPING = ("epoch", "phase", "steps", "examples_per_second", "partial", "adaptive_decision")
+
+
+def _keras_logs(record: dict[str, Any]) -> dict[str, Any]:
+    """The ``model.fit``-style logs kept in a history record (aliases and bookkeeping dropped)."""
+    return {
+        k: v
+        for k, v in record.items()
+        if k not in _BOOKKEEPING and not k.startswith(("train_", "test_"))
+    }
+
+
+def _record(epoch: int, logs: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """One ``history.json`` record: the epoch's logs plus ``train_``/``test_`` aliases."""
+    aliases = {}
+    for key, value in logs.items():
+        if key.startswith("val_"):
+            aliases[f"test_{key[4:]}"] = value
+        elif key in ("learning_rate", "global_batch_size", "momentum", "noise_scale"):
+            continue
+        else:
+            aliases[f"train_{key}"] = value
+    return {"epoch": epoch, **extra, **logs, **aliases}
 
 
 class Trainer:
     """Trains a Keras model through the phases of a `PhasePlan` under a `tf.distribute` strategy.
 
+    ``model_fn`` is called inside ``strategy.scope()``. If it returns a *compiled* model, the
+    Trainer trains with its compiled loss (any Keras loss, several outputs, ``loss_weights``),
+    its compiled metrics and its optimizer, the plan's learning-rate schedule put in place of the
+    optimizer's learning rate and the plan's momentum set on optimizers that have one. An
+    uncompiled model is compiled with `loss`, `metrics` and ``optimizer_fn(schedule)``.
+
     Args:
-      model_fn: builds the (uncompiled) model; called inside ``strategy.scope()``.
+      model_fn: builds the model (compiled or not); called inside ``strategy.scope()``.
       plan: the batch-size phases to follow.
       config: a `TrainerConfig`.
-      metrics: extra Keras metrics computed on the validation data (e.g.
-        ``keras.metrics.SparseTopKCategoricalAccuracy(5)``), reported as ``test_<name>``;
-        loss and top-1 accuracy are always reported, for training and validation.
-      loss: a Keras loss or its name, applied per example; default sparse categorical
-        cross-entropy on logits.
-      optimizer_fn: builds the optimizer from the plan's learning-rate schedule; default our
-        `SGD` with momentum correction.
+      loss: for an uncompiled model: a Keras loss or its name; default sparse categorical
+        cross-entropy on logits (then `metrics` defaults to ``["accuracy"]``).
+      metrics: for an uncompiled model: Keras metrics (objects or names).
+      optimizer_fn: for an uncompiled model: builds the optimizer from the plan's schedule;
+        default our `SGD` with momentum correction.
       strategy: default ``tf.distribute.get_strategy()``.
 
     Raises:
       ValueError: a phase's global batch not divisible by the number of replicas.
 
     Example:
-      >>> trainer = Trainer(lambda: build_model("mlp", (8, 8, 1), 10), plan,
-      ...                   TrainerConfig(model_dir="/tmp/run"))
-      >>> results = trainer.fit(x_train, y_train, validation_data=(x_test, y_test))
+      >>> def model_fn():
+      ...     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+      ...     model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+      ...     return model
+      >>> trainer = Trainer(model_fn, plan, TrainerConfig(model_dir="/tmp/run"))
+      >>> history = trainer.fit(x, y, validation_data=(x_val, y_val), callbacks=[...])
+      >>> history.history["val_mae"], trainer.results["parameter_updates"]
     """
 
     def __init__(
@@ -182,7 +220,7 @@ class Trainer:
         config: TrainerConfig,
         *,
         loss: Any = None,
-        metrics: Sequence[keras.metrics.Metric] = (),
+        metrics: Sequence[Any] | None = None,
         optimizer_fn: Callable[[Schedule], keras.optimizers.Optimizer] | None = None,
         strategy: tf.distribute.Strategy | None = None,
     ) -> None:
@@ -192,25 +230,18 @@ class Trainer:
         self.num_replicas = self.strategy.num_replicas_in_sync
         self._check_divisible(plan)
         self.is_chief = distribute_lib.is_chief(self.strategy)
-        loss = loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        self._loss_fn = _per_example_loss(loss)
         previous_policy = keras.mixed_precision.global_policy()
         if config.mixed_precision:  # the policy the model's layers are built with
             keras.mixed_precision.set_global_policy(config.mixed_precision)
-        with self.strategy.scope():
-            keras.utils.set_random_seed(config.seed)
-            self.model = model_fn()
-            if optimizer_fn is None:
-                from tf_largebatch.optimizers import SGD
-
-                def optimizer_fn(lr: Schedule) -> keras.optimizers.Optimizer:
-                    return SGD(lr, momentum=plan.phases[0].momentum)
-
-            self.optimizer = optimizer_fn(plan.learning_rate_schedule())
-            if config.mixed_precision == "mixed_float16":
-                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
-            self.optimizer.build(self.model.trainable_variables)
-        keras.mixed_precision.set_global_policy(previous_policy)
+        try:
+            with self.strategy.scope():
+                keras.utils.set_random_seed(config.seed)
+                self.model = model_fn()
+                self._compile(loss, metrics, optimizer_fn)
+                self._eval_loss = keras.metrics.Mean(name="loss")
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
+        self.optimizer = self.model.optimizer
         measure = config.measure_noise_scale or config.adaptive
         self.noise_estimator = (
             noise_lib.NoiseScaleEstimator(config.noise_scale_beta) if measure else None
@@ -218,7 +249,6 @@ class Trainer:
         trackables: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer}
         if measure:
             trackables["noise"] = self.noise_estimator
-        # Host-side counters are plain variables (outside the strategy) inside RunState.
         self.state = RunState(
             config.model_dir,
             is_chief=self.is_chief,
@@ -226,21 +256,54 @@ class Trainer:
             trackables=trackables,
             max_to_keep=config.max_checkpoints_to_keep,
         )
-        self._step = TrainStep(
-            self.model,
-            self.optimizer,
-            self._loss_fn,
-            self.strategy,
-            jit_compile=config.jit_compile,
-            noise_estimator=self.noise_estimator,
-        )
-        self._eval_step: Any = None  # traced once, for any batch size, on first use
-        self.metrics = list(metrics)
+        self.train_step = TrainStep(
+            self.model, self.optimizer, self.strategy,
+            jit_compile=config.jit_compile, noise_estimator=self.noise_estimator,
+        )  # fmt: skip
+        self.eval_step = EvalStep(self.model, self.strategy, self._eval_loss)
+        self.results: dict[str, Any] = {}
+        self._built = False
+        self.epoch_notes: dict[str, Any] = {}  # what controller actions record for the epoch
+
+    def _compile(self, loss: Any, metrics: Any, optimizer_fn: Any) -> None:
+        """Compiles an uncompiled model; puts the plan's schedule into the optimizer."""
+        schedule = self.plan.learning_rate_schedule()
+        if not getattr(self.model, "compiled", False):
+            if optimizer_fn is None:
+                from tf_largebatch.optimizers import SGD
+
+                def optimizer_fn(lr: Schedule) -> keras.optimizers.Optimizer:
+                    return SGD(lr, momentum=self.plan.phases[0].momentum)
+
+            if loss is None:
+                loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+                metrics = ["accuracy"] if metrics is None else ["accuracy", *metrics]
+            self.model.compile(optimizer=optimizer_fn(schedule), loss=loss, metrics=metrics)
+        elif loss is not None or metrics is not None or optimizer_fn is not None:
+            raise ValueError(
+                "Arguments `loss`, `metrics` and `optimizer_fn` are for an uncompiled model; "
+                "model_fn returned a compiled one (its compile arguments are used)."
+            )
+        optimizer = self.model.optimizer
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        if not isinstance(inner._learning_rate, Schedule):  # noqa: SLF001 (no public test)
+            # Replacing a float learning rate would untrack its variable, which makes the
+            # optimizer's variable list impossible to checkpoint: clone it with the schedule.
+            inner = type(inner).from_config({**inner.get_config(), "learning_rate": schedule})
+        else:
+            inner.learning_rate = schedule
+        mixed16 = self.config.mixed_precision == "mixed_float16"
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or mixed16:
+            scale = getattr(optimizer, "initial_scale", 2.0**15)
+            optimizer = keras.optimizers.LossScaleOptimizer(inner, initial_scale=scale)
+        else:
+            optimizer = inner
+        self.model.optimizer = optimizer
 
     @property
     def trace_count(self) -> int:
         """Traces of the compiled training step so far."""
-        return self._step.trace_count
+        return self.train_step.trace_count
 
     def iterations(self) -> int:
         """Parameter updates so far (``optimizer.iterations``)."""
@@ -262,46 +325,75 @@ class Trainer:
             k = 2 if per_replica % 2 == 0 else micro_batches(per_replica, per_replica - 1)
         return k
 
-    def _eval_step_fn(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        logits = tf.cast(self.model(x, training=False), tf.float32)
-        loss = tf.reduce_sum(tf.cast(self._loss_fn(y, logits), tf.float32))
-        hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32))
-        for metric in self.metrics:
-            metric.update_state(y, logits)
-        return loss, tf.reduce_sum(tf.cast(hits, tf.float32))
+    def _build(self, dataset_fn: inputs_lib.DatasetFn) -> None:
+        """Builds model, compiled loss/metrics and optimizer eagerly under the scope.
 
-    def evaluate(self, x: Any, y: np.ndarray | None = None) -> dict[str, float]:
-        """Loss and accuracy over a whole evaluation set (every worker evaluates it all).
+        Keras builds them on the first batch; inside a traced distributed step that fails
+        (keras-team/keras#23085), so they are built here from the element spec.
+        """
+        if self._built:
+            return
+        context = tf.distribute.InputContext(1, 0, self.num_replicas)
+        spec = dataset_fn(context).element_spec
+        with self.strategy.scope():
+            self.model._symbolic_build(data_batch=spec)  # noqa: SLF001 (model.fit does this)
+            if not self.optimizer.built:
+                self.optimizer.build(self.model.trainable_variables)
+        self._built = True
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        x: Any = None,
+        y: Any = None,
+        *,
+        sample_weight: Any = None,
+        batch_size: int | None = None,
+        callbacks: Any = None,
+        return_dict: bool = True,
+    ) -> dict[str, float]:
+        """Loss and compiled metrics over a whole data set, distributed over the replicas.
+
+        Every example is evaluated exactly once (each batch cut into one piece per replica);
+        per-replica sums are added across replicas. Returns what
+        ``model.evaluate(..., return_dict=True)`` returns.
 
         Args:
-          x: inputs (with labels `y`), or a `tf.data.Dataset` of ``(x, y)`` batches.
-          y: labels, when `x` is an array.
+          x: inputs (arrays, tuples or dicts of arrays) with `y`, or a `tf.data.Dataset` of
+            ``(x, y)`` / ``(x, y, sample_weight)`` *batches* (as ``model.evaluate`` takes).
+          y: targets, when `x` holds arrays.
+          sample_weight: per-example weights, when `x` holds arrays.
+          batch_size: global evaluation batch (default ``config.eval_batch_size``).
+          callbacks: a `keras.callbacks.CallbackList` or a list of callbacks
+            (``on_test_begin``, ``on_test_batch_begin/end``, ``on_test_end``).
+          return_dict: must be True (the only form returned).
         """
-        if y is not None:  # slices of two tensors: cheaper than a tf.data pipeline per call
-            x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
-            size = self.config.eval_batch_size
-            batches = [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
-        else:
-            batches = x
-        if self._eval_step is None:
-            xs, ys = next(iter(batches))
-            self._eval_step = tf.function(
-                self._eval_step_fn,
-                input_signature=[
-                    tf.TensorSpec([None, *xs.shape[1:]], xs.dtype),
-                    tf.TensorSpec([None, *ys.shape[1:]], ys.dtype),
-                ],
+        if not return_dict:
+            raise ValueError("Argument `return_dict` must be True. Received: return_dict=False")
+        data = x
+        if not isinstance(x, inputs_lib.EvalDataset):
+            data = inputs_lib.EvalDataset(
+                x, y, sample_weight, batch_size=batch_size or self.config.eval_batch_size
             )
-        loss, correct, count = 0.0, 0.0, 0
-        for metric in self.metrics:
-            metric.reset_state()
-        for xb, yb in batches:
-            batch_loss, batch_correct = self._eval_step(xb, yb)
-            loss += float(batch_loss)
-            correct += float(batch_correct)
-            count += int(xb.shape[0])
-        extra = {m.name: float(keras.ops.convert_to_numpy(m.result())) for m in self.metrics}
-        return {"loss": loss / count, "accuracy": correct / count, **extra}
+        if not isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks = keras.callbacks.CallbackList(callbacks or [], model=self.model)
+        dataset_fn = data.dataset_fn()
+        self._build(dataset_fn)
+        iterator = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+        self.model.reset_metrics()
+        self._eval_loss.reset_state()
+        callbacks.on_test_begin()
+        logs: dict[str, float] = {}
+        done, per_call = 0, self.config.steps_per_execution
+        while done < data.steps:
+            n = min(per_call, data.steps - done)
+            callbacks.on_test_batch_begin(done)
+            logs = {k: float(v) for k, v in self.eval_step(iterator, n).items()}
+            done += n
+            callbacks.on_test_batch_end(done - 1, logs)
+        callbacks.on_test_end(logs)
+        return logs
 
     # ---- resuming ---------------------------------------------------------------------------
 
@@ -309,7 +401,7 @@ class Trainer:
         """Restores plan, checkpoint and history from ``model_dir`` and checks they agree."""
         plan, history = self.state.restore(self.initial_plan)
         if plan is not None:
-            self._set_plan(plan)
+            self.adopt_plan(plan)
         epoch = int(self.state.epoch.numpy())
         skip = int(self.state.step_in_epoch.numpy())
         expected = self.plan.step_at_epoch(epoch) + skip
@@ -322,240 +414,323 @@ class Trainer:
             )
         return history
 
-    def _set_plan(self, plan: PhasePlan) -> None:
-        """Adopts a (grown) plan: new schedule, so the step is traced again."""
+    def adopt_plan(self, plan: PhasePlan) -> None:
+        """Follows a new plan from now on (new schedule, so the step is traced again).
+
+        Raises:
+          ValueError: a phase's global batch not divisible by the number of replicas.
+        """
         self._check_divisible(plan)
+        if plan is self.plan:
+            return
         self.plan = plan
         inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         inner.learning_rate = plan.learning_rate_schedule()
-        self._step.retrace()
+        self.train_step.retrace()
+        self.state.write_plan(self.initial_plan, plan)
 
     # ---- the loop --------------------------------------------------------------------------
 
     def fit(
         self,
-        x: Any,
-        y: np.ndarray | None = None,
+        x: Any = None,
+        y: Any = None,
+        *,
+        sample_weight: Any = None,
         validation_data: Any = None,
-    ) -> dict[str, Any]:
+        callbacks: Sequence[keras.callbacks.Callback] | None = None,
+        validation_freq: int = 1,
+    ) -> keras.callbacks.History:
         """Trains through every phase, resuming from ``model_dir`` if it holds a checkpoint.
 
         Args:
-          x: training inputs (with labels `y`, the data set held in memory and permuted once
-            per epoch), or a data source (`y` None) with ``num_examples`` and
-            ``make_dataset_fn(global_batch_size, *, seed, start_epoch, end_epoch, skip_steps,
-            static_batch_size)`` returning the per-replica ``dataset_fn`` (e.g. a streaming
-            TFDS source for data sets too large for memory).
-          y: labels.
-          validation_data: ``(x, y)`` arrays or a `tf.data.Dataset` of ``(x, y)`` batches.
+          x: training inputs as ``model.fit`` takes them: arrays or tuples / dicts of arrays
+            (with `y` and `sample_weight`), a `tf.data.Dataset` of *unbatched* examples
+            ``(x, y[, sample_weight])`` (shuffled, batched and split per phase here), a
+            ``dataset_fn(global_batch_size, input_context)`` of per-replica batches, or a
+            source (``num_examples`` and ``make_dataset_fn``, e.g. `TFDSImageSource`).
+          y: targets (arrays).
+          sample_weight: per-example weights (arrays).
+          validation_data: ``(x, y)`` or ``(x, y, sample_weight)`` arrays, or a
+            `tf.data.Dataset` of batches.
+          callbacks: Keras callbacks (``EarlyStopping``, ``CSVLogger``, ``ModelCheckpoint``,
+            ``TensorBoard``, ...); ``model.stop_training`` is honoured after each compiled
+            call, and callbacks may define ``on_phase_begin`` / ``on_phase_end``.
+          validation_freq: evaluate every this many epochs (and after the last; also every
+            ``config.eval_every_epochs``).
 
         Returns:
-          The results, also written to ``model_dir/results.json``: ``test_accuracy``,
-          ``test_loss``, ``final_train_loss``, ``parameter_updates``, ``epochs_completed``,
-          ``examples_per_second``, ``wall_seconds``, ``num_replicas``, ``phases``,
-          ``history``, ``trace_count``, ``phase_switch_seconds`` (and the noise scale when
-          measured, ``adaptive_decisions`` when adaptive).
+          A `keras.callbacks.History` of the whole run (resumed epochs included) with
+          ``loss``, each compiled metric, ``val_…``, ``learning_rate``,
+          ``global_batch_size`` and ``momentum``. The run's results (also
+          ``model_dir/results.json``) are in `Trainer.results`.
+
+        Raises:
+          ValueError: bad inputs (sizes, batch sizes, a model_dir of another plan).
+          NonFiniteLossError: the training loss became NaN or infinite (the last good
+            checkpoint is kept; no model is saved).
         """
-        cfg = self.config
-        source = data_lib.ArraySource(x, y) if y is not None else x
-        if source.num_examples != self.plan.dataset_size:
+        cfg, plan = self.config, self.plan
+        check_positive_int("validation_freq", validation_freq)
+        source = inputs_lib.as_source(x, y, sample_weight, num_examples=plan.dataset_size)
+        if source.num_examples != plan.dataset_size:
+            hint = " (pass the dataset unbatched)" if isinstance(x, tf.data.Dataset) else ""
             raise ValueError(
-                f"Argument `x` must hold the plan's dataset_size={self.plan.dataset_size} "
-                f"examples. Received: {source.num_examples} examples"
+                f"Argument `x` must hold the plan's dataset_size={plan.dataset_size} examples. "
+                f"Received: {source.num_examples} examples{hint}"
             )
-        if isinstance(validation_data, (tuple, list)):  # to tensors once, not every epoch
-            validation_data = tuple(tf.convert_to_tensor(v) for v in validation_data)
-            evaluate = lambda: self.evaluate(*validation_data)  # noqa: E731
-        else:
-            evaluate = lambda: self.evaluate(validation_data)  # noqa: E731
-        if not self.plan.drop_remainder:
+        if not plan.drop_remainder:
             raise ValueError("The Trainer needs a plan with drop_remainder=True.")
+        validation = None
+        if validation_data is not None:
+            parts = validation_data
+            if not isinstance(validation_data, (tuple, list)):
+                parts = (validation_data,)
+            validation = inputs_lib.EvalDataset(*parts, batch_size=cfg.eval_batch_size)
+        self._build(self._dataset_fn(source, 0, 0))
         tf.io.gfile.makedirs(cfg.model_dir)
-        history = self._restore()
+        records = self._restore()
         self.state.write_plan(self.initial_plan, self.plan)
-        writer = (
-            tf.summary.create_file_writer(os.path.join(cfg.model_dir, "tensorboard"))
-            if self.is_chief
-            else tf.summary.create_noop_writer()
-        )
-        stats = {"switch": [], "train_seconds": 0.0, "examples": 0, "noise_steps": []}
-        decisions = [h["adaptive_decision"] for h in history if "adaptive_decision" in h]
-        wall_start = time.perf_counter()
-        epoch = int(self.state.epoch.numpy())
-        iterator, built_phase = None, None
-        while epoch < self.plan.epochs:
-            phase_index = self.plan.phase_index(epoch)
-            phase = self.plan.phases[phase_index]
-            skip = int(self.state.step_in_epoch.numpy())
-            switching = False
-            if (phase_index, phase) != built_phase:
-                setup_start = time.perf_counter()
-                switching = built_phase is not None  # a phase change inside this run
-                inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-                set_momentum(inner, phase.momentum)
-                self.state.phase.assign(phase_index)
-                dataset_fn = source.make_dataset_fn(
-                    phase.global_batch_size,
-                    seed=cfg.seed,
-                    start_epoch=epoch,
-                    end_epoch=phase.end_epoch,
-                    skip_steps=skip,
-                    static_batch_size=False,
-                )  # no static batch dimension: one trace serves every phase
-                iterator = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
-                built_phase = (phase_index, phase)
-            record = self._train_epoch(
-                iterator, epoch, phase, skip, stats, setup_start if switching else None
-            )
-            record["phase"] = phase_index
-            last = epoch + 1 == self.plan.epochs
-            if validation_data is not None and (last or (epoch + 1) % cfg.eval_every_epochs == 0):
-                record.update({f"test_{k}": v for k, v in evaluate().items()})
-            epoch += 1
-            self.state.epoch.assign(epoch)
-            self.state.step_in_epoch.assign(0)
-            decision = self._adapt(epoch, record)
-            if decision:
-                record["adaptive_decision"] = decision
-                decisions.append(decision)
-            history.append(record)
-            self._log_epoch(writer, record)
-            self.state.write("history.json", history)  # before the checkpoint that needs it
-            self.state.save(self.iterations())
-        self.state.finish()
-        results = self._results(history, stats, time.perf_counter() - wall_start)
-        if decisions:
-            results["adaptive_decisions"] = decisions
-        if history and "test_loss" in history[-1] and history[-1]["epoch"] == self.plan.epochs - 1:
-            results.update({k: v for k, v in history[-1].items() if k.startswith("test_")})
-        elif validation_data is not None:
-            results.update({f"test_{k}": v for k, v in evaluate().items()})
-        self.state.write("results.json", results)
+        callback_list, history = self._callbacks(callbacks)
+        loop = _Loop(self, source, validation, validation_freq, callback_list, records)
+        loop.run()
+        self.results = loop.results()
+        self.state.write("results.json", self.results)
         if self.is_chief and cfg.save_model:
             self.model.save(os.path.join(cfg.model_dir, "model.keras"))
-        return results
+        return history
 
-    def _train_epoch(
+    def _dataset_fn(self, source: Any, epoch: int, skip: int) -> inputs_lib.DatasetFn:
+        phase = self.plan.phases[self.plan.phase_index(epoch)]
+        return source.make_dataset_fn(
+            phase.global_batch_size,
+            seed=self.config.seed,
+            start_epoch=epoch,
+            end_epoch=phase.end_epoch,
+            skip_steps=skip,
+            static_batch_size=False,
+        )  # no static batch dimension: one trace serves every phase
+
+    def _callbacks(
+        self, callbacks: Any
+    ) -> tuple[keras.callbacks.CallbackList, keras.callbacks.History]:
+        cfg = self.config
+        user = list(callbacks or [])
+        if cfg.adaptive:
+            user.append(
+                callbacks_lib.AdaptiveBatchSize(
+                    cfg.adaptive_max_global_batch_size, factor=cfg.adaptive_factor,
+                    rule=cfg.adaptive_learning_rate_rule, min_steps=cfg.adaptive_min_steps,
+                )
+            )  # fmt: skip
+        for callback in user:
+            if hasattr(callback, "set_trainer"):
+                callback.set_trainer(self)
+        history = keras.callbacks.History()
+        show = int(bool(cfg.verbose) and self.is_chief)
+        callback_list = keras.callbacks.CallbackList(
+            [*user, history], add_progbar=bool(show), verbose=show, model=self.model,
+            epochs=self.plan.epochs, steps=self.plan.phases[0].steps_per_epoch,
+        )  # fmt: skip
+        return callback_list, history
+
+
+class _Loop:
+    """One ``Trainer.fit`` run: epochs through phases, callbacks, evaluation, checkpoints."""
+
+    def __init__(
         self,
-        iterator: Any,
-        epoch: int,
-        phase: Any,
-        skip: int,
-        stats: dict[str, Any],
+        trainer: Trainer,
+        source: Any,
+        validation: inputs_lib.EvalDataset | None,
+        validation_freq: int,
+        callbacks: keras.callbacks.CallbackList,
+        records: list[dict[str, Any]],
+    ) -> None:
+        self.t, self.source, self.validation = trainer, source, validation
+        self.validation_freq, self.callbacks, self.records = validation_freq, callbacks, records
+        self.switch_seconds: list[float] = []
+        self.train_seconds, self.examples = 0.0, 0
+        self.noise_steps: list[list[float]] = []
+        self.stopped_early = False
+        self.writer = (
+            tf.summary.create_file_writer(os.path.join(trainer.config.model_dir, "tensorboard"))
+            if trainer.is_chief
+            else tf.summary.create_noop_writer()
+        )
+        self.wall_start = time.perf_counter()
+
+    def run(self) -> None:
+        t, callbacks = self.t, self.callbacks
+        t.model.stop_training = False
+        callbacks.on_train_begin()
+        history = callbacks.callbacks[-1]
+        for record in self.records:  # the returned History covers the resumed epochs too
+            history.epoch.append(record["epoch"])
+            for key, value in _keras_logs(record).items():
+                history.history.setdefault(key, []).append(value)
+        logs: dict[str, Any] = {}
+        epoch = int(t.state.epoch.numpy())
+        iterator, built = None, None
+        while epoch < t.plan.epochs and not t.model.stop_training:
+            index = t.plan.phase_index(epoch)
+            phase = t.plan.phases[index]
+            skip = int(t.state.step_in_epoch.numpy())
+            setup_start = None
+            if (index, phase) != built:
+                setup_start = time.perf_counter() if built is not None else None
+                iterator = self._start_phase(index, phase, epoch, skip, first=built is None)
+                built = (index, phase)
+            logs = self._epoch(iterator, epoch, index, phase, skip, setup_start)
+            epoch = int(t.state.epoch.numpy())
+            if built is not None and (
+                epoch >= t.plan.epochs
+                or t.plan.phase_index(epoch) != index
+                or t.plan.phases[index] != phase
+                or t.model.stop_training
+            ):
+                callbacks_lib.call_phase_hook(callbacks, "on_phase_end", index, phase)
+        self.stopped_early = epoch < t.plan.epochs
+        if self.stopped_early:
+            _log.warning(
+                "Training stopped early by a callback at epoch %d, step %d (of %d epochs).",
+                epoch + 1, int(t.state.step_in_epoch.numpy()), t.plan.epochs,
+            )  # fmt: skip
+        callbacks.on_train_end(logs)
+        t.state.finish()
+
+    def _start_phase(self, index: int, phase: Any, epoch: int, skip: int, first: bool) -> Any:
+        t = self.t
+        inner = getattr(t.optimizer, "inner_optimizer", t.optimizer)
+        if set_momentum(inner, phase.momentum):
+            t.train_step.retrace()  # Keras's SGD bakes its momentum into the trace
+        t.state.phase.assign(index)
+        dataset_fn = t._dataset_fn(self.source, epoch, skip)
+        self.callbacks.set_params(
+            {"verbose": int(bool(t.config.verbose) and t.is_chief), "epochs": t.plan.epochs,
+             "steps": phase.steps_per_epoch}
+        )  # fmt: skip
+        callbacks_lib.call_phase_hook(self.callbacks, "on_phase_begin", index, phase)
+        _log.info(
+            "phase %d from epoch %d: global batch %d, learning rate %.4g, momentum %g",
+            index, epoch + 1, phase.global_batch_size, phase.learning_rate, phase.momentum,
+        )  # fmt: skip
+        return iter(t.strategy.distribute_datasets_from_function(dataset_fn))
+
+    def _epoch(
+        self, iterator: Any, epoch: int, index: int, phase: Any, skip: int,
         setup_start: float | None,
-    ) -> dict[str, Any]:
-        cfg, spe, gbs = self.config, phase.steps_per_epoch, phase.global_batch_size
-        num_micro = self._micro_batches(gbs)
-        done, loss_total, correct_total = skip, 0.0, 0.0
-        show = bool(cfg.verbose) and self.is_chief
-        if show:  # like model.fit's header (the Progbar is our one use of stdout)
-            lr = self.plan.learning_rate_at_step(self.plan.step_at_epoch(epoch) + skip)
-            print(f"Epoch {epoch + 1}/{self.plan.epochs} - global batch {gbs}, lr {lr:.4g}")
-        bar = keras.utils.Progbar(spe, verbose=1 if show else 0)
-        start = time.perf_counter()
+    ) -> dict[str, Any]:  # fmt: skip
+        t, cfg, callbacks = self.t, self.t.config, self.callbacks
+        spe, gbs = phase.steps_per_epoch, phase.global_batch_size
+        num_micro = t._micro_batches(gbs)
+        t.model.reset_metrics()
+        t.epoch_notes = {}
+        callbacks.on_epoch_begin(epoch)
+        done, loss_total, logs = skip, 0.0, {}
         b_simple = float("nan")
-        while done < spe:
+        start = time.perf_counter()
+        while done < spe and not t.model.stop_training:
             n = min(cfg.steps_per_execution, spe - done)
             if cfg.checkpoint_every_steps:
                 n = min(n, cfg.checkpoint_every_steps - done % cfg.checkpoint_every_steps)
-            loss_sum, correct_sum, b_simple_t = self._step(iterator, n, gbs, num_micro)
+            callbacks.on_train_batch_begin(done)
+            loss_sum, metrics, b_simple_t = t.train_step(iterator, n, num_micro)
             loss_sum = float(loss_sum)  # waits for the steps to finish
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLossError(
+                    f"The training loss is {loss_sum} at epoch {epoch + 1}, steps "
+                    f"{done + 1}-{done + n} of {spe}; stopped without saving (the last good "
+                    f"checkpoint in model_dir={cfg.model_dir!r} is kept)."
+                )
             if setup_start is not None:  # pipeline rebuild + (re)trace + first steps
-                stats["switch"].append(time.perf_counter() - setup_start)
+                self.switch_seconds.append(time.perf_counter() - setup_start)
                 setup_start = None
             done += n
-            self.state.steps_run.assign_add(n)
             loss_total += loss_sum
-            correct_total += float(correct_sum)
-            self.state.step_in_epoch.assign(done)
-            values = [("loss", loss_sum / n)]
-            if self.noise_estimator is not None:
+            t.state.steps_run.assign_add(n)
+            t.state.step_in_epoch.assign(done)
+            logs = {"loss": loss_total / (done - skip), **{k: float(v) for k, v in metrics.items()}}
+            if t.noise_estimator is not None:
                 b_simple = float(b_simple_t)
-                stats["noise_steps"].append([self.iterations(), b_simple])
-                values.append(("noise_scale", b_simple))
-            bar.update(done, values)
+                self.noise_steps.append([t.iterations(), b_simple])
+            callbacks.on_train_batch_end(done - 1, logs)
             if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 < spe - done:
-                self.state.save(self.iterations())
+                t.state.save(t.iterations())
         seconds = time.perf_counter() - start
-        steps = spe - skip
-        stats["train_seconds"] += seconds
-        stats["examples"] += steps * gbs
-        record = {
-            "epoch": epoch,
-            "train_loss": loss_total / max(steps, 1),
-            "train_accuracy": correct_total / max(steps * gbs, 1),
-            "learning_rate": self.plan.learning_rate_at_step(self.plan.step_at_epoch(epoch)),
-            "global_batch_size": gbs,
-            "momentum": phase.momentum,
-            "steps": self.iterations(),
-            "examples_per_second": steps * gbs / max(seconds, 1e-9),
+        self.train_seconds += seconds
+        self.examples += (done - skip) * gbs
+        complete = done == spe
+        logs.update(
+            learning_rate=t.plan.learning_rate_at_step(t.plan.step_at_epoch(epoch)),
+            global_batch_size=gbs,
+            momentum=phase.momentum,
+        )
+        if t.noise_estimator is not None:
+            logs["noise_scale"] = b_simple
+        last = epoch + 1 == t.plan.epochs
+        every = (epoch + 1) % self.validation_freq == 0 and (epoch + 1) % cfg.eval_every_epochs == 0
+        if self.validation is not None and complete and (last or every or t.model.stop_training):
+            val = t.evaluate(self.validation, callbacks=callbacks)
+            logs.update({f"val_{k}": v for k, v in val.items()})
+        if complete:
+            t.state.epoch.assign(epoch + 1)
+            t.state.step_in_epoch.assign(0)
+        callbacks.on_epoch_end(epoch, logs)
+        extra = {
+            "phase": index,
+            "steps": t.iterations(),
+            "examples_per_second": (done - skip) * gbs / max(seconds, 1e-9),
+            **({} if complete else {"partial": True}),
+            **t.epoch_notes,
         }
-        if self.noise_estimator is not None:
-            record["noise_scale"] = b_simple
-        return record
+        record = _record(epoch, logs, extra)
+        self.records.append(record)
+        self._summaries(record)
+        t.state.write("history.json", self.records)  # before the checkpoint that needs it
+        t.state.save(t.iterations())
+        return logs
 
-    def _adapt(self, next_epoch: int, record: dict[str, Any]) -> dict[str, Any] | None:
-        """At an epoch end: grow the batch towards the measured B_simple (adaptive mode)."""
-        cfg = self.config
-        if not cfg.adaptive or int(self.noise_estimator.count.numpy()) < cfg.adaptive_min_steps:
-            return None
-        adapted = noise_lib.adapt_plan(
-            self.plan, next_epoch, record["noise_scale"],
-            max_global_batch_size=cfg.adaptive_max_global_batch_size,
-            factor=cfg.adaptive_factor, multiple_of=self.num_replicas,
-            rule=cfg.adaptive_learning_rate_rule,
-        )  # fmt: skip
-        if adapted is None:
-            return None
-        plan, decision = adapted
-        self._set_plan(plan)
-        self.state.write_plan(self.initial_plan, self.plan)
-        _log.warning("adaptive batch: %s", decision)
-        return decision
+    def _summaries(self, record: dict[str, Any]) -> None:
+        with self.writer.as_default(step=record["steps"]):
+            for key, value in record.items():
+                if key in _BOOKKEEPING[:3] or not isinstance(value, (int, float)):
+                    continue
+                if math.isfinite(value):
+                    tf.summary.scalar(key, value)
+        self.writer.flush()
 
-    def _log_epoch(self, writer: Any, record: dict[str, Any]) -> None:
-        with writer.as_default(step=record["steps"]):
-            for key in (
-                "train_loss",
-                "train_accuracy",
-                "test_loss",
-                "test_accuracy",
-                "learning_rate",
-                "global_batch_size",
-                "momentum",
-                "examples_per_second",
-                "noise_scale",
-            ):
-                if key in record and math.isfinite(record[key]):
-                    tf.summary.scalar(key, record[key])
-        writer.flush()
-        if self.is_chief and self.config.verbose:
-            shown = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "noise_scale")
-            print("  " + ", ".join(f"{k}: {record[k]:.4f}" for k in shown if k in record))
-
-    def _results(
-        self, history: list[dict[str, Any]], stats: dict[str, Any], wall_seconds: float
-    ) -> dict[str, Any]:
-        plan = self.plan.to_dict()
+    def results(self) -> dict[str, Any]:
+        t, records = self.t, [r for r in self.records if not r.get("partial")]
+        plan = t.plan.to_dict()
         results: dict[str, Any] = {
-            "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
-            "parameter_updates": self.iterations(),
+            "final_train_loss": records[-1]["train_loss"] if records else float("nan"),
+            "parameter_updates": t.iterations(),
             # steps a float16 loss scaler skipped on overflow (no update was applied)
-            "skipped_steps": int(self.state.steps_run.numpy()) - self.iterations(),
-            "epochs_completed": int(self.state.epoch.numpy()),
+            "skipped_steps": int(t.state.steps_run.numpy()) - t.iterations(),
+            "epochs_completed": int(t.state.epoch.numpy()),
+            "stopped_early": self.stopped_early,
             "examples_per_second": (
-                stats["examples"] / stats["train_seconds"] if stats["train_seconds"] else 0.0
+                self.examples / self.train_seconds if self.train_seconds else 0.0
             ),
-            "wall_seconds": wall_seconds,
-            "num_replicas": self.num_replicas,
+            "wall_seconds": time.perf_counter() - self.wall_start,
+            "num_replicas": t.num_replicas,
             "phases": plan["phases"],  # start/end epoch, batch, lr, momentum, steps, ...
             "plan": plan,
-            "history": history,
-            "trace_count": self.trace_count,
-            "phase_switch_seconds": stats["switch"],
+            "history": self.records,
+            "trace_count": t.trace_count,
+            "phase_switch_seconds": self.switch_seconds,
         }
-        if self.noise_estimator is not None:
-            results["noise_scale_steps"] = stats["noise_steps"]
-        weights = [np.asarray(w, np.float32).tobytes() for w in self.model.get_weights()]
+        decisions = [r["adaptive_decision"] for r in self.records if "adaptive_decision" in r]
+        if decisions:
+            results["adaptive_decisions"] = decisions
+        if t.noise_estimator is not None:
+            results["noise_scale_steps"] = self.noise_steps
+        last = self.records[-1] if self.records else {}
+        if "val_loss" in last:
+            results.update({k: v for k, v in last.items() if k.startswith("test_")})
+        elif self.validation is not None:
+            results.update({f"test_{k}": v for k, v in t.evaluate(self.validation).items()})
+        weights = [np.asarray(w, np.float32).tobytes() for w in t.model.get_weights()]
         results["weights_sha256"] = hashlib.sha256(b"".join(weights)).hexdigest()
         return results
