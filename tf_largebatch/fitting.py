@@ -12,11 +12,11 @@ so TensorBoard, ModelCheckpoint and EarlyStopping work across phases.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from tf_largebatch.phases import PhasePlan
 
@@ -50,6 +50,23 @@ class _AcrossPhases(keras.callbacks.Callback):
             self.callback.on_train_end(logs)
 
 
+def _is_tf_variable(value: Any) -> bool:
+    """A `tf.Variable`, without importing TensorFlow (it is loaded if one exists)."""
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(value, tf.Variable)
+
+
+def _repeat_if_finite(dataset: Any) -> Any:
+    """Repeats a finite `tf.data.Dataset` (Keras keeps one iterator across a phase's epochs);
+    anything else (a generator, a `PyDataset`, an infinite dataset) is returned as it is."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(dataset, tf.data.Dataset):
+        return dataset
+    if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+        return dataset
+    return dataset.repeat()
+
+
 def set_momentum(optimizer: keras.optimizers.Optimizer, momentum: float) -> bool:
     """Sets an optimizer's momentum; True if the compiled train function must be rebuilt.
 
@@ -59,7 +76,7 @@ def set_momentum(optimizer: keras.optimizers.Optimizer, momentum: float) -> bool
     current = getattr(optimizer, "momentum", None)
     if current is None:
         return False
-    if isinstance(current, (tf.Variable, keras.Variable)):
+    if isinstance(current, keras.Variable) or _is_tf_variable(current):
         current.assign(momentum)
         return False
     if float(current) == float(momentum):
@@ -70,7 +87,7 @@ def set_momentum(optimizer: keras.optimizers.Optimizer, momentum: float) -> bool
 
 def fit_phases(
     model: keras.Model,
-    make_dataset: Callable[[int], tf.data.Dataset],
+    make_dataset: Callable[[int], Any],
     plan: PhasePlan,
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
@@ -130,12 +147,7 @@ def fit_phases(
             phase.end_epoch,
             phase.global_batch_size,
         )
-        dataset = make_dataset(phase.global_batch_size)
-        if (
-            isinstance(dataset, tf.data.Dataset)
-            and dataset.cardinality() != tf.data.INFINITE_CARDINALITY
-        ):
-            dataset = dataset.repeat()  # Keras keeps one iterator across the phase's epochs
+        dataset = _repeat_if_finite(make_dataset(phase.global_batch_size))
         history = model.fit(
             dataset,
             initial_epoch=max(phase.start_epoch, initial_epoch),
