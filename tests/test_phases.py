@@ -8,6 +8,7 @@ import pytest
 
 from tf_largebatch import plan_phases
 from tf_largebatch.phases import Phase, PhasePlan, plan_from_examples, steps_per_epoch
+from tf_largebatch.scaling import scale_learning_rate, suggested_scaling_rule
 
 # Smith et al. 2018 §5.1: N = 50,000, B0 = 128, ε = 0.1 per 128, m = 0.9, ÷5 at 60/120/160 of 200.
 SMITH = dict(
@@ -464,3 +465,20 @@ def test_plan_from_examples_changes_phase_at_the_first_step_past_the_boundary():
         plan_from_examples(100, 2, [30, 50, 60], [0.1] * 3, boundary_examples=[60, 59])
     skipped = plan_from_examples(100, 2, [30, 50, 60], [0.1] * 3, boundary_examples=[60, 60])
     assert [p.global_batch_size for p in skipped.phases] == [30, 60]
+
+
+# --- Scaling rule by optimizer (scaling.py; the planner's learning rates use it) -------------
+
+
+@pytest.mark.parametrize(
+    "optimizer, rule, factor",
+    [("Adam", "sqrt", 2.0), ("adamw", "sqrt", 2.0), ("LAMB", "sqrt", 2.0), ("sgd", "linear", 4.0)]
+    + [("lars", "linear", 4.0)],
+)
+def test_suggested_scaling_rule(optimizer, rule, factor):
+    assert suggested_scaling_rule(optimizer) == rule
+    assert scale_learning_rate(1e-3, 1024, 256, suggested_scaling_rule(optimizer)) == pytest.approx(
+        1e-3 * factor
+    )  # k = 4: √k = 2 for the adaptive optimizers, k for SGD and LARS
+    with pytest.raises(ValueError, match="`optimizer`.*Received"):
+        suggested_scaling_rule("adagrad")

@@ -1,8 +1,16 @@
 """Learning-rate scaling rules and the SGD noise scale (pure Python, no TensorFlow).
 
+Which rule: ``"linear"`` for SGD with momentum and LARS (Goyal et al.), ``"sqrt"`` as the
+default suggestion for Adam, AdamW and LAMB (Malladi et al. 2022); see `suggested_scaling_rule`
+and ``docs/ADAM.md``.
+
 References:
   Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", §2.1.
   Smith, Kindermans, Ying & Le 2018, "Don't Decay the Learning Rate, Increase the Batch Size", §3.
+  Malladi, Lyu, Panigrahi & Arora 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+  Algorithms" (NeurIPS), the square-root scaling rule for Adam and RMSprop.
+  You et al. 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes"
+  (LAMB, trained with square-root learning-rate scaling).
 """
 
 from __future__ import annotations
@@ -12,6 +20,10 @@ import math
 from tf_largebatch._validation import check_choice, check_momentum, check_positive
 
 SCALING_RULES = ("linear", "sqrt", "none")
+#: Optimizers whose step is normalised by a second-moment estimate: square-root rule.
+ADAPTIVE_OPTIMIZERS = ("adam", "adamw", "lamb")
+#: SGD-family optimizers: linear rule.
+SGD_OPTIMIZERS = ("sgd", "lars")
 
 
 def scale_learning_rate(
@@ -24,9 +36,15 @@ def scale_learning_rate(
 
     With k = global_batch_size / base_batch_size:
 
-    - ``"linear"``: η·k (Goyal et al. §2.1, the Linear Scaling Rule);
-    - ``"sqrt"``: η·√k (keeps the variance of the update; often better for Adam);
+    - ``"linear"``: η·k (Goyal et al. §2.1, the Linear Scaling Rule) — for SGD with
+      momentum and LARS;
+    - ``"sqrt"``: η·√k (Malladi et al. 2022's square-root rule) — the default suggestion for
+      Adam, AdamW and LAMB when the batch grows (`suggested_scaling_rule`);
     - ``"none"``: η.
+
+    Malladi et al.'s full rule for Adam also moves the moment decays and ε
+    (1 − β₁ → k(1 − β₁), 1 − β₂ → k(1 − β₂), ε → ε/√k); only the learning rate is scaled
+    here (the common practice): to follow the rule fully, change β₁, β₂ and ε yourself.
 
     Args:
       base_learning_rate: η, the learning rate tuned for ``base_batch_size`` examples.
@@ -90,3 +108,35 @@ def noise_scale(
             f"({dataset_size}). Received: global_batch_size={global_batch_size}"
         )
     return learning_rate * (dataset_size / global_batch_size - 1.0) / (1.0 - momentum)
+
+
+def suggested_scaling_rule(optimizer: str) -> str:
+    """The learning-rate scaling rule to start from for an optimizer when the batch grows.
+
+    - ``"adam"``, ``"adamw"``, ``"lamb"`` → ``"sqrt"``: an adaptive optimizer divides the step
+      by the root of the gradients' second moment, so its SDE matches across batch sizes when
+      η grows as √k (Malladi et al. 2022); You et al. 2020 train BERT with LAMB up to 64k this
+      way. Prefer ``"linear"`` only where a short run at both batch sizes shows it trains as
+      well (small k, or after a warmup long enough that the moment estimates have settled).
+    - ``"sgd"``, ``"lars"`` → ``"linear"`` (Goyal et al. §2.1; Smith et al. §3: the noise scale
+      εN/B stays fixed when ε grows with B).
+
+    Either rule holds while the batch is below the critical batch size (McCandlish et al.
+    2018); beyond it, larger batches stop saving steps and no rule keeps the loss curve.
+
+    Args:
+      optimizer: the optimizer's name, any case.
+
+    Returns:
+      ``"sqrt"`` or ``"linear"``.
+
+    Raises:
+      ValueError: an optimizer name not listed above.
+
+    Example:
+      >>> suggested_scaling_rule("AdamW"), suggested_scaling_rule("sgd")
+      ('sqrt', 'linear')
+    """
+    name = optimizer.lower() if isinstance(optimizer, str) else optimizer
+    check_choice("optimizer", name, ADAPTIVE_OPTIMIZERS + SGD_OPTIMIZERS)
+    return "sqrt" if name in ADAPTIVE_OPTIMIZERS else "linear"
