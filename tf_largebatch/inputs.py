@@ -307,11 +307,13 @@ class DatasetFnSource:
 
         def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
             data = self.dataset_fn(global_batch_size, input_context)
+            # each step takes one batch for each of this pipeline's replicas
+            local = input_context.num_replicas_in_sync // input_context.num_input_pipelines
             if int(data.cardinality()) == tf.data.INFINITE_CARDINALITY:
-                return data.skip(skip_steps)
+                return data.skip(skip_steps * local)
             epochs = tf.data.Dataset.range(start_epoch, end_epoch)
             return epochs.flat_map(
-                lambda e: data.take(steps).skip(_skip(e, start_epoch, skip_steps))
+                lambda e: data.take(steps * local).skip(_skip(e, start_epoch, skip_steps) * local)
             )
 
         return dataset_fn
