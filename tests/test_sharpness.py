@@ -255,3 +255,24 @@ def test_bad_model_and_dataset_raise() -> None:
         sharpness(_classifier(), batches.map(lambda a, b: a))
     with pytest.raises(ValueError, match=r"`x`.*at least one example"):
         sharpness(_classifier(), x[:0], y[:0])
+
+
+def test_batchnorm_runs_in_inference_mode_and_state_is_untouched() -> None:
+    x, y = _classification_data(64)
+    init = keras.initializers.RandomNormal(stddev=1.0, seed=4)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3, "tanh", kernel_initializer=init),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(3, kernel_initializer=init),
+        ]
+    )
+    model.get_layer(index=1).moving_mean.assign([0.5, -0.5, 0.1])  # inference ≠ training mode
+    before = [np.array(v.numpy(), copy=True) for v in model.weights]
+    result = sharpness(model, x, y, num_power_iterations=3, num_perturbations=2)
+    for old, variable in zip(before, model.weights):
+        np.testing.assert_array_equal(old, variable.numpy())  # moving statistics not updated
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    np.testing.assert_allclose(result["loss"], float(loss_fn(y, model(x, training=False))), 1e-5)
+    assert abs(result["loss"] - float(loss_fn(y, model(x, training=True)))) > 1e-3
