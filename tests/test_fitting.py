@@ -208,3 +208,108 @@ def test_tensorboard_callback_spans_phases(digits, tmp_path):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             epochs_logged += [event.step for v in event.summary.value if v.tag == "epoch_loss"]
     assert sorted(epochs_logged) == [0, 1, 2, 3]
+
+
+# --- Plans with phases inside an epoch (batch ramp-up) -----------------------------------------
+
+_N = 200
+_RNG = np.random.default_rng(12)
+_X = _RNG.normal(size=(_N, 3)).astype(np.float32)
+_Y = (_X @ np.array([[1.0], [-2.0], [0.5]]) + 0.1 * _RNG.normal(size=(_N, 1))).astype(np.float32)
+_RAMP = dict(
+    dataset_size=_N,
+    epochs=2,
+    global_batch_size=40,
+    base_learning_rate=0.01,
+    base_batch_size=10,
+    rampup_batch_size=(10, 10, 150),
+    momentum=0.0,
+)
+
+
+def _order(epoch):
+    return np.random.default_rng(100 + epoch).permutation(_N)
+
+
+def _megatron_reference(steps=None):
+    """Plain NumPy: Megatron's batch from the examples consumed, each epoch's order walked
+    without repeats (last partial batch dropped), w ← w − η_B·∇ mean squared error."""
+    w, consumed, epoch, offset, done = np.zeros((3, 1)), 0, 0, 0, 0
+    while steps is None or done < steps:
+        b = 10 + 10 * min(3, int(consumed / 50))  # K = 3 increments over 150 examples
+        if _N - offset < b:
+            epoch, offset = epoch + 1, 0
+        if epoch == 2:
+            break
+        idx = _order(epoch)[offset : offset + b]
+        x, y = _X[idx].astype(np.float64), _Y[idx].astype(np.float64)
+        w = w - (0.01 * b / 10) * 2.0 / b * x.T @ (x @ w - y)
+        offset, consumed, done = offset + b, consumed + b, done + 1
+    return w, done
+
+
+def _ramp_model():
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")]
+    )
+    model.compile(SGD(0.01, momentum=0.0), "mse")
+    return model
+
+
+def _segment_dataset(calls):
+    def make(global_batch_size, epoch, example_offset):
+        calls.append((global_batch_size, epoch, example_offset))
+        idx = _order(epoch)[example_offset:]
+        ds = tf.data.Dataset.from_tensor_slices((_X[idx], _Y[idx]))
+        return ds.batch(global_batch_size, drop_remainder=True)
+
+    return make
+
+
+def test_fit_phases_follows_a_rampup_inside_the_epoch():
+    plan = plan_phases("rampup", **_RAMP)
+    # 5×10 (c = 50), 3×20 (110), 2×30 (170), 30 left < 40: epoch 1, 5×40.
+    assert [(p.global_batch_size, p.num_steps) for p in plan.phases] == [
+        (10, 5),
+        (20, 3),
+        (30, 2),
+        (40, 5),
+    ]
+    calls, model = [], _ramp_model()
+    history = fit_phases(model, _segment_dataset(calls), plan, verbose=0)
+    assert calls == [(10, 0, 0), (20, 0, 50), (30, 0, 110), (40, 1, 0)]
+    assert calls == [
+        (plan.phases[s.phase_index].global_batch_size, s.epoch, s.example_offset)
+        for s in plan.segments()
+    ]
+    want, steps = _megatron_reference()
+    assert int(model.optimizer.iterations) == plan.total_steps == steps == 15
+    np.testing.assert_allclose(model.get_weights()[0], want, rtol=1e-5)
+    assert history.history["global_batch_size"] == [10, 20, 30, 40]
+    assert history.history["step"] == [0, 5, 8, 10] and history.history["epoch"] == [0, 0, 0, 1]
+    assert history.history["learning_rate"] == pytest.approx([0.01, 0.02, 0.03, 0.04])
+
+
+@pytest.mark.parametrize("resume", [5, 6, 9, 10, 11])
+def test_fit_phases_resumes_a_rampup_at_any_step(resume):
+    plan = plan_phases("rampup", **_RAMP)
+    partial, _ = _megatron_reference(steps=resume)
+    model = _ramp_model()
+    model.optimizer.build(model.trainable_variables)
+    model.set_weights([partial.astype(np.float32)])
+    model.optimizer.iterations.assign(resume)
+    calls = []
+    fit_phases(model, _segment_dataset(calls), plan, initial_step=resume, verbose=0)
+    epoch, offset = plan.position_at_step(resume)
+    assert calls[0] == (plan.batch_size_at_step(resume), epoch, offset)
+    assert int(model.optimizer.iterations) == plan.total_steps
+    np.testing.assert_allclose(model.get_weights()[0], _megatron_reference()[0], rtol=1e-5)
+
+
+def test_fit_phases_initial_step_needs_a_step_plan():
+    model = _ramp_model()
+    whole = plan_phases("decay_lr", _N, 2, 20, 0.01, base_batch_size=20)
+    with pytest.raises(ValueError, match="`initial_step`"):
+        fit_phases(model, lambda b: None, whole, initial_step=3)
+    with pytest.raises(ValueError, match="`initial_step`"):
+        fit_phases(model, lambda b: None, plan_phases("rampup", **_RAMP), initial_step=16)

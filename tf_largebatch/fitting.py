@@ -92,6 +92,7 @@ def fit_phases(
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     initial_epoch: int = 0,
+    initial_step: int | None = None,
     **fit_kwargs: Any,
 ) -> keras.callbacks.History:
     """Trains a compiled model through the phases of `plan` with `model.fit`.
@@ -104,20 +105,32 @@ def fit_phases(
     first phase, so the rate follows the plan through ``optimizer.iterations`` even though
     steps per epoch change between phases.
 
+    A plan whose phases start inside an epoch (`Phase.num_steps`, e.g. ``mode="rampup"``) is
+    followed segment by segment (`PhasePlan.segments`): for each segment,
+    ``make_dataset(global_batch_size, epoch=seg.epoch, example_offset=seg.example_offset)``
+    must return the batches of that epoch's example order from that offset on (skip
+    ``example_offset`` examples, then batch), and one ``model.fit`` call runs the segment's
+    steps as one Keras epoch; so no example is repeated or skipped when the batch changes.
+
     Args:
       model: a compiled Keras model.
-      make_dataset: builds the training pipeline for a global batch size.
+      make_dataset: builds the training pipeline for a global batch size (and, for plans with
+        phases inside an epoch, for an epoch and example offset, as keywords).
       plan: the `PhasePlan` to follow.
       callbacks: Keras callbacks, shared by all phases as one run.
       initial_epoch: epoch to resume from (phases ending before it are skipped).
+      initial_step: for plans with phases inside an epoch only: the global step to resume
+        from (the restored ``optimizer.iterations``); overrides ``initial_epoch``.
       **fit_kwargs: passed to every `model.fit` call (e.g. ``validation_data``, ``verbose``).
 
     Returns:
-      One `History` whose ``history`` has one entry per epoch across all phases, including
+      One `History` whose ``history`` has one entry per epoch across all phases (per segment
+      for plans with phases inside an epoch, with ``epoch`` and ``step`` too), including
       ``learning_rate``, ``global_batch_size`` and ``momentum``.
 
     Raises:
-      ValueError: the model is not compiled, or `fit_kwargs` holds arguments the plan owns.
+      ValueError: the model is not compiled, `fit_kwargs` holds arguments the plan owns, or
+        ``initial_step`` is given for a plan of whole-epoch phases or is out of range.
 
     Example:
       >>> history = fit_phases(model, lambda b: make_dataset(x, y, b, seed=0, epochs=1), plan)
@@ -135,6 +148,19 @@ def fit_phases(
     merged = keras.callbacks.History()
     merged.set_model(model)
     merged.epoch, merged.history = [], {}
+    if any(p.num_steps is not None for p in plan.phases):
+        start = plan.step_at_epoch(initial_epoch) if initial_step is None else initial_step
+        if not (isinstance(start, int) and 0 <= start <= plan.total_steps):
+            raise ValueError(
+                f"Argument `initial_step` must be an integer in [0, {plan.total_steps}]. "
+                f"Received: initial_step={initial_step}"
+            )
+        return _fit_segments(model, make_dataset, plan, callbacks, start, merged, fit_kwargs)
+    if initial_step is not None:
+        raise ValueError(
+            "Argument `initial_step` applies only to plans with phases inside an epoch; use "
+            f"`initial_epoch`. Received: initial_step={initial_step}"
+        )
     phases = [p for p in plan.phases if p.end_epoch > initial_epoch]
     for i, phase in enumerate(phases):
         if set_momentum(optimizer, phase.momentum):
@@ -165,6 +191,67 @@ def fit_phases(
                 "momentum": phase.momentum,
             }
             logs = {k: v[history.epoch.index(epoch)] for k, v in history.history.items()}
+            for key, value in {**logs, **extra}.items():
+                merged.history.setdefault(key, []).append(value)
+        if model.stop_training:
+            break
+    return merged
+
+
+def _fit_segments(
+    model: keras.Model,
+    make_dataset: Callable[..., Any],
+    plan: PhasePlan,
+    callbacks: Sequence[keras.callbacks.Callback],
+    initial_step: int,
+    merged: keras.callbacks.History,
+    fit_kwargs: dict[str, Any],
+) -> keras.callbacks.History:
+    """`fit_phases` for plans with phases inside an epoch: one `model.fit` per segment."""
+    optimizer = model.optimizer
+    todo = []
+    for seg in plan.segments():
+        end = seg.start_step + seg.num_steps
+        if end <= initial_step:
+            continue
+        batch = plan.phases[seg.phase_index].global_batch_size
+        skip = max(initial_step - seg.start_step, 0)  # resuming inside this segment
+        todo.append(
+            (seg, seg.start_step + skip, seg.num_steps - skip, seg.example_offset + skip * batch)
+        )
+    for k, (seg, step, num_steps, offset) in enumerate(todo):
+        phase = plan.phases[seg.phase_index]
+        if set_momentum(optimizer, phase.momentum):
+            model.make_train_function(force=True)
+        wrapped = [_AcrossPhases(c, first=k == 0, last=k == len(todo) - 1) for c in callbacks]
+        _log.info(
+            "phase %d, epoch %d: steps %d-%d, global batch %d from example %d",
+            seg.phase_index,
+            seg.epoch,
+            step,
+            step + num_steps,
+            phase.global_batch_size,
+            offset,
+        )
+        dataset = make_dataset(phase.global_batch_size, epoch=seg.epoch, example_offset=offset)
+        history = model.fit(
+            dataset,
+            initial_epoch=k,
+            epochs=k + 1,
+            steps_per_epoch=num_steps,
+            callbacks=wrapped,
+            **fit_kwargs,
+        )
+        extra = {
+            "epoch": seg.epoch,
+            "step": step,
+            "learning_rate": plan.learning_rate_at_step(step),
+            "global_batch_size": phase.global_batch_size,
+            "momentum": phase.momentum,
+        }
+        for i, index in enumerate(history.epoch):
+            merged.epoch.append(index)
+            logs = {key: values[i] for key, values in history.history.items()}
             for key, value in {**logs, **extra}.items():
                 merged.history.setdefault(key, []).append(value)
         if model.stop_training:
