@@ -1,0 +1,534 @@
+"""Measures what the goodput model needs: step times t(b) and the gradient noise scale B_simple.
+
+Two measurements feed `tf_largebatch.goodput`:
+
+- `time_train_step`: seconds per synchronous SGD step of a model at several per-replica
+  batches, under a strategy (one device, N logical CPU devices, or N workers). The timed step is
+  one compiled ``tf.function`` running ``steps_per_call`` steps of ``strategy.run`` (forward,
+  loss over the global batch, gradients, Keras's all-reduce inside ``apply_gradients``, SGD
+  update) on batches gathered from tensors in memory, so no input pipeline is timed.
+- `measure_noise_scale`: B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, App. A.1) after a short
+  training run, from the mean squared norm of small-batch gradients and the squared norm of their
+  average (`tf_largebatch.noise.gradient_noise_components`).
+
+Logical CPU devices and ``MultiWorkerMirroredStrategy`` must be configured before TensorFlow
+starts, so every configuration is measured in its own process: `measure_in_subprocess` runs
+``python -m tf_largebatch.goodput_measure`` (one process) or, with ``num_workers > 1``, the same
+module under ``python -m tf_largebatch.launch``; each process prints ``RESULT {json}``.
+TensorFlow is imported inside the measuring functions, so importing this module (and calling the
+subprocess helpers) starts no TensorFlow runtime.
+
+References:
+  McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training", App. A.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tf_largebatch._validation import check_positive_int
+
+RESULT_PREFIX = "RESULT "
+
+
+def _load(model: str, dataset: str, seed: int, strategy: Any = None) -> tuple[Any, Any, Any, Any]:
+    import tensorflow as tf
+
+    from tf_largebatch import data, models
+
+    arrays = data.load_data(dataset)
+    name = models.resolve_model_name(model, arrays.input_shape)
+    scope = strategy.scope() if strategy is not None else _NullScope()
+    with scope:
+        net = models.build_model(name, arrays.input_shape, arrays.num_classes, seed=seed)
+    x = tf.constant(arrays.x_train)
+    y = tf.constant(arrays.y_train)
+    return net, x, y, arrays
+
+
+class _NullScope:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def time_train_step(
+    per_replica_batch_sizes: Sequence[int],
+    *,
+    model: str = "mlp",
+    dataset: str = "digits",
+    strategy: str = "one_device",
+    num_cpu_devices: int | None = None,
+    steps_per_call: int = 50,
+    repeats: int = 10,
+    learning_rate: float = 0.01,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Times synchronous SGD steps at several per-replica batches under one strategy.
+
+    For each per-replica batch b the compiled call runs ``steps_per_call`` steps; it is called
+    once to trace and warm up, then ``repeats`` times, and the fastest call's time per step is
+    kept: on a shared machine the minimum is the least disturbed estimate (as `timeit` advises),
+    and fit and validation use the same statistic.
+
+    Args:
+      per_replica_batch_sizes: the per-replica batches b to time.
+      model: a `tf_largebatch.models` name (``"mlp"``, ``"cnn"``, ...; ``"auto"``).
+      dataset: a `tf_largebatch.data.load_data` name.
+      strategy: ``"one_device"``, ``"mirrored"`` or ``"multi_worker"``.
+      num_cpu_devices: split the CPU into this many logical devices first (None: as is).
+      steps_per_call: steps per compiled call.
+      repeats: timed calls per batch size.
+      learning_rate: SGD learning rate (the value does not change the timing).
+      seed: initialisation seed.
+
+    Returns:
+      ``{"num_replicas", "num_parameters", "gradient_bytes", "strategy", "measurements":
+      [{"per_replica_batch_size", "seconds_per_step", "examples_per_second"}, ...]}`` where
+      examples per second count the global batch (b × replicas).
+
+    Raises:
+      ValueError: a batch size, ``steps_per_call`` or ``repeats`` is not a positive integer.
+    """
+    for b in per_replica_batch_sizes:
+        check_positive_int("per_replica_batch_sizes", b)
+    check_positive_int("steps_per_call", steps_per_call)
+    check_positive_int("repeats", repeats)
+    from tf_largebatch import distribute
+
+    if num_cpu_devices is not None:
+        distribute.configure_cpu_devices(num_cpu_devices)
+    strat = distribute.make_strategy(strategy)  # before any other TensorFlow op
+    import keras
+    import tensorflow as tf
+
+    net, x, y, arrays = _load(model, dataset, seed, strat)
+    replicas = strat.num_replicas_in_sync
+    with strat.scope():
+        optimizer = keras.optimizers.SGD(learning_rate)
+        optimizer.build(net.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    n = int(x.shape[0])
+
+    def make_call(per_replica: int) -> Any:
+        global_batch = per_replica * replicas
+
+        def replica_step() -> tf.Tensor:
+            idx = tf.random.uniform([per_replica], 0, n, dtype=tf.int32)
+            xb, yb = tf.gather(x, idx), tf.gather(y, idx)
+            with tf.GradientTape() as tape:
+                loss = tf.nn.compute_average_loss(
+                    loss_fn(yb, net(xb, training=True)), global_batch_size=global_batch
+                )
+            grads = tape.gradient(loss, net.trainable_variables)
+            optimizer.apply_gradients(zip(grads, net.trainable_variables))
+            return loss
+
+        @tf.function
+        def call() -> tf.Tensor:
+            total = tf.constant(0.0)
+            for _ in tf.range(steps_per_call):
+                per = strat.run(replica_step)
+                total += strat.reduce(tf.distribute.ReduceOp.SUM, per, axis=None)
+            return total
+
+        return call
+
+    measurements = []
+    for b in per_replica_batch_sizes:
+        call = make_call(int(b))
+        call().numpy()  # trace and warm up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call().numpy()
+            times.append((time.perf_counter() - start) / steps_per_call)
+        seconds = min(times)
+        measurements.append(
+            {
+                "per_replica_batch_size": int(b),
+                "seconds_per_step": seconds,
+                "examples_per_second": b * replicas / seconds,
+            }
+        )
+    num_parameters = int(sum(v.numpy().size for v in net.trainable_variables))
+    return {
+        "strategy": strategy,
+        "num_cpu_devices": num_cpu_devices,
+        "num_replicas": replicas,
+        "num_parameters": num_parameters,
+        "gradient_bytes": 4 * num_parameters,
+        "measurements": measurements,
+    }
+
+
+def measure_noise_scale(
+    *,
+    model: str = "mlp",
+    dataset: str = "digits",
+    train_steps: int = 200,
+    train_batch_size: int = 32,
+    learning_rate: float = 0.05,
+    small_batch_size: int = 32,
+    num_small_batches: int = 16,
+    rounds: int = 8,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Estimates B_simple = tr(Σ)/|G|² on one device after a short SGD run.
+
+    After ``train_steps`` SGD steps (batch ``train_batch_size``), each round draws
+    ``num_small_batches`` batches of b = ``small_batch_size`` examples, computes their mean
+    gradients g_i, and takes |G_small|² = mean_i |g_i|² and |G_big|² = |mean_i g_i|² (a batch of
+    B = b × ``num_small_batches``). The unbiased estimates of |G|² and tr(Σ) (McCandlish et al.
+    App. A.1) are averaged over ``rounds`` before taking their ratio, as the paper advises.
+
+    Args:
+      model: a `tf_largebatch.models` name.
+      dataset: a `tf_largebatch.data.load_data` name.
+      train_steps: SGD steps before measuring (the noise scale grows as training proceeds).
+      train_batch_size: batch of those steps.
+      learning_rate: SGD learning rate of those steps.
+      small_batch_size: b.
+      num_small_batches: B/b, at least 2.
+      rounds: independent estimates averaged.
+      seed: initialisation and sampling seed.
+
+    Returns:
+      ``{"noise_scale": B_simple, "gradient_sq_norm": |G|², "trace": tr(Σ),
+      "train_steps", "small_batch_size", "big_batch_size"}``.
+
+    Raises:
+      ValueError: a count is not a positive integer, or ``num_small_batches`` < 2.
+    """
+    for name, value in (
+        ("train_steps", train_steps),
+        ("train_batch_size", train_batch_size),
+        ("small_batch_size", small_batch_size),
+        ("num_small_batches", num_small_batches),
+        ("rounds", rounds),
+    ):
+        check_positive_int(name, value)
+    if num_small_batches < 2:
+        raise ValueError(
+            "Argument `num_small_batches` must be >= 2. "
+            f"Received: num_small_batches={num_small_batches}"
+        )
+    import keras
+    import tensorflow as tf
+
+    from tf_largebatch.noise import gradient_noise_components
+
+    tf.random.set_seed(seed)
+    net, x, y, _ = _load(model, dataset, seed)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = keras.optimizers.SGD(learning_rate)
+    n = int(x.shape[0])
+    variables = net.trainable_variables
+
+    def batch_grads(size: int) -> list[tf.Tensor]:
+        idx = tf.random.uniform([size], 0, n, dtype=tf.int32)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(tf.gather(y, idx), net(tf.gather(x, idx), training=True))
+        return tape.gradient(loss, variables)
+
+    @tf.function
+    def train() -> None:
+        for _ in tf.range(train_steps):
+            optimizer.apply_gradients(zip(batch_grads(train_batch_size), variables))
+
+    @tf.function
+    def components() -> tuple[tf.Tensor, tf.Tensor]:
+        sums = [tf.zeros_like(v) for v in variables]
+        small_sq = tf.constant(0.0)
+        for _ in range(num_small_batches):
+            g = batch_grads(small_batch_size)
+            small_sq += tf.add_n([tf.reduce_sum(t * t) for t in g])
+            sums = [s + t for s, t in zip(sums, g)]
+        big_sq = tf.add_n([tf.reduce_sum((s / num_small_batches) ** 2) for s in sums])
+        return small_sq / num_small_batches, big_sq
+
+    train()
+    big_batch = small_batch_size * num_small_batches
+    g2s, traces = [], []
+    for _ in range(rounds):
+        small_sq, big_sq = (float(t) for t in components())
+        g2, trace = gradient_noise_components(small_sq, big_sq, small_batch_size, big_batch)
+        g2s.append(g2)
+        traces.append(trace)
+    g2, trace = statistics.fmean(g2s), statistics.fmean(traces)
+    return {
+        "dataset_size": n,
+        "noise_scale": trace / g2,
+        "gradient_sq_norm": g2,
+        "trace": trace,
+        "train_steps": train_steps,
+        "small_batch_size": small_batch_size,
+        "big_batch_size": big_batch,
+    }
+
+
+def _parse_result(output: str, prefix: str = "") -> list[dict[str, Any]]:
+    results = []
+    for line in output.splitlines():
+        head, sep, payload = line.partition(RESULT_PREFIX)
+        if sep and head.startswith(prefix):
+            results.append(json.loads(payload))
+    return results
+
+
+def measure_in_subprocess(
+    per_replica_batch_sizes: Sequence[int],
+    *,
+    num_cpu_devices: int = 1,
+    num_workers: int = 1,
+    model: str = "mlp",
+    dataset: str = "digits",
+    steps_per_call: int = 50,
+    repeats: int = 10,
+    timeout_seconds: float = 300,
+) -> dict[str, Any]:
+    """Runs `time_train_step` in fresh processes (logical devices need a fresh runtime).
+
+    ``num_workers == 1``: one process with ``num_cpu_devices`` logical devices, strategy
+    ``one_device`` for one device and ``mirrored`` otherwise. ``num_workers > 1``: that many
+    ``MultiWorkerMirroredStrategy`` workers on localhost through ``python -m
+    tf_largebatch.launch`` (one CPU device each); worker 0's result is returned.
+
+    Args:
+      per_replica_batch_sizes: per-replica batches to time.
+      num_cpu_devices: logical CPU devices of a single process.
+      num_workers: local worker processes.
+      model: model name.
+      dataset: data set name.
+      steps_per_call: steps per compiled call.
+      repeats: timed calls per batch size.
+      timeout_seconds: the whole measurement's time limit.
+
+    Returns:
+      The `time_train_step` dict, plus ``num_workers``.
+
+    Raises:
+      RuntimeError: a process failed or printed no result (its output is in the message).
+    """
+    check_positive_int("num_cpu_devices", num_cpu_devices)
+    check_positive_int("num_workers", num_workers)
+    args = [
+        "-m",
+        "tf_largebatch.goodput_measure",
+        "--per_replica_batch_sizes=" + ",".join(str(int(b)) for b in per_replica_batch_sizes),
+        f"--model={model}",
+        f"--dataset={dataset}",
+        f"--steps_per_call={steps_per_call}",
+        f"--repeats={repeats}",
+    ]
+    if num_workers > 1:
+        command = [
+            sys.executable,
+            "-m",
+            "tf_largebatch.launch",
+            f"--num_workers={num_workers}",
+            f"--timeout_seconds={timeout_seconds}",
+            "--",
+            *args,
+            "--strategy=multi_worker",
+        ]
+        prefix = "[worker 0] "
+    else:
+        strategy = "one_device" if num_cpu_devices == 1 else "mirrored"
+        command = [sys.executable, *args, f"--strategy={strategy}"]
+        if num_cpu_devices > 1:
+            command.append(f"--num_cpu_devices={num_cpu_devices}")
+        prefix = ""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout_seconds + 30, env=env
+    )
+    results = _parse_result(done.stdout, prefix)
+    if done.returncode != 0 or not results:
+        raise RuntimeError(
+            f"Measuring {num_workers} worker(s) x {num_cpu_devices} device(s) failed "
+            f"(exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    return {**results[0], "num_workers": num_workers}
+
+
+# Local links: only their latency is fitted; bandwidths are order-of-magnitude assumptions (the
+# digits MLP's 38 KB of gradients make the bandwidth term a few percent of the step at most).
+SHARED_MEMORY_BYTES_PER_SECOND = 10e9  # memcpy between logical devices of one process
+LOOPBACK_BYTES_PER_SECOND = 1e9  # gRPC over 127.0.0.1 between worker processes
+
+LOCAL_CONFIGS = (
+    {"name": "1 device", "num_workers": 1, "num_cpu_devices": 1},
+    {"name": "2 devices", "num_workers": 1, "num_cpu_devices": 2},
+    {"name": "4 devices", "num_workers": 1, "num_cpu_devices": 4},
+    {"name": "2 workers", "num_workers": 2, "num_cpu_devices": 1},
+)
+
+
+def measure_local(
+    per_replica_batch_sizes: Sequence[int],
+    *,
+    model: str = "mlp",
+    dataset: str = "digits",
+    configs: Sequence[dict[str, Any]] = LOCAL_CONFIGS,
+    steps_per_call: int = 50,
+    repeats: int = 10,
+    noise_scale_kwargs: dict[str, Any] | None = None,
+    timeout_seconds: float = 300,
+) -> dict[str, Any]:
+    """Times every local configuration in its own process(es), then measures B_simple.
+
+    Returns:
+      ``{"model", "dataset", "dataset_size", "num_parameters", "gradient_bytes", "configs":
+      [{"name", "num_workers", "num_cpu_devices", "num_replicas", "measurements": [...]}],
+      "noise_scale": {...}}`` (the ``--measurements`` JSON of ``examples/plan_cluster.py``).
+    """
+    measured = []
+    for config in configs:
+        result = measure_in_subprocess(
+            per_replica_batch_sizes,
+            num_cpu_devices=config["num_cpu_devices"],
+            num_workers=config["num_workers"],
+            model=model,
+            dataset=dataset,
+            steps_per_call=steps_per_call,
+            repeats=repeats,
+            timeout_seconds=timeout_seconds,
+        )
+        measured.append({**result, **config})
+    command = [sys.executable, "-m", "tf_largebatch.goodput_measure", "--noise_scale"]
+    command += [f"--model={model}", f"--dataset={dataset}"]
+    if noise_scale_kwargs:
+        command.append("--noise_scale_kwargs=" + json.dumps(noise_scale_kwargs))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_seconds)
+    results = _parse_result(done.stdout)
+    if done.returncode != 0 or not results:
+        raise RuntimeError(
+            f"Measuring B_simple failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
+    return {
+        "model": model,
+        "dataset": dataset,
+        "dataset_size": results[0]["dataset_size"],
+        "num_parameters": measured[0]["num_parameters"],
+        "gradient_bytes": measured[0]["gradient_bytes"],
+        "configs": measured,
+        "noise_scale": results[0],
+    }
+
+
+def fit_local(measurements: dict[str, Any]) -> dict[str, Any]:
+    """Fits the local model on a subset of the measurements and predicts all of them.
+
+    Fitted on: t(b) = α + β·b from ``1 device`` (every batch); compute slots c and the
+    shared-memory latency from ``2 devices`` (every batch, `goodput.fit_shared_host`); the
+    loopback latency from ``2 workers`` at its smallest batch only (`goodput.fit_link_latency`).
+    Held out: ``4 devices`` and ``2 workers`` at the other batches. Pure arithmetic.
+
+    Args:
+      measurements: the `measure_local` dict.
+
+    Returns:
+      ``{"step_time": {...}, "compute_slots", "shared_memory_latency_seconds",
+      "loopback_latency_seconds", "validation": [{"config", "per_replica_batch_size",
+      "predicted_examples_per_second", "measured_examples_per_second", "relative_error",
+      "used_for_fit"}]}``, relative error = predicted/measured − 1.
+    """
+    from tf_largebatch import goodput
+
+    by_name = {c["name"]: c for c in measurements["configs"]}
+    num_bytes = measurements["gradient_bytes"]
+
+    def columns(name: str) -> tuple[list[int], list[float]]:
+        rows = by_name[name]["measurements"]
+        return [r["per_replica_batch_size"] for r in rows], [r["seconds_per_step"] for r in rows]
+
+    step_time = goodput.fit_step_time(*columns("1 device"))
+    b2, t2 = columns("2 devices")
+    slots, shared = goodput.fit_shared_host(
+        step_time, [2] * len(b2), b2, t2, num_bytes, SHARED_MEMORY_BYTES_PER_SECOND
+    )
+    loopback = goodput.Link(LOOPBACK_BYTES_PER_SECOND, 0.0)
+    two_workers = goodput.Cluster(2, network=loopback, topology="ring", compute_slots=slots)
+    bw, tw = columns("2 workers")
+    first = bw.index(min(bw))
+    loopback = goodput.fit_link_latency(step_time, two_workers, [bw[first]], [tw[first]], num_bytes)
+    fit_points = {("1 device", b) for b in columns("1 device")[0]}
+    fit_points |= {("2 devices", b) for b in b2} | {("2 workers", bw[first])}
+    validation = []
+    for config in measurements["configs"]:
+        cluster = goodput.Cluster(
+            config["num_workers"],
+            config["num_cpu_devices"],
+            network=loopback,
+            intra=shared,
+            topology="ring",
+            compute_slots=slots,
+        )
+        for row in config["measurements"]:
+            b = row["per_replica_batch_size"]
+            predicted = goodput.examples_per_second(
+                step_time, cluster, b * cluster.num_replicas, num_bytes
+            )
+            measured = row["examples_per_second"]
+            validation.append(
+                {
+                    "config": config["name"],
+                    "per_replica_batch_size": b,
+                    "predicted_examples_per_second": predicted,
+                    "measured_examples_per_second": measured,
+                    "relative_error": predicted / measured - 1.0,
+                    "used_for_fit": (config["name"], b) in fit_points,
+                }
+            )
+    return {
+        "step_time": dataclasses.asdict(step_time),
+        "compute_slots": slots,
+        "shared_memory_latency_seconds": shared.latency_seconds,
+        "loopback_latency_seconds": loopback.latency_seconds,
+        "validation": validation,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m tf_largebatch.goodput_measure``: prints ``RESULT {json}`` of one measurement."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per_replica_batch_sizes", default="8,32,128")
+    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--strategy", default="one_device")
+    parser.add_argument("--num_cpu_devices", type=int, default=None)
+    parser.add_argument("--steps_per_call", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--noise_scale", action="store_true", help="measure B_simple instead")
+    parser.add_argument("--noise_scale_kwargs", default="{}", help="JSON for measure_noise_scale")
+    args = parser.parse_args(argv)
+    if args.noise_scale:
+        kwargs = json.loads(args.noise_scale_kwargs)
+        result = measure_noise_scale(model=args.model, dataset=args.dataset, **kwargs)
+    else:
+        result = time_train_step(
+            [int(b) for b in args.per_replica_batch_sizes.split(",")],
+            model=args.model,
+            dataset=args.dataset,
+            strategy=args.strategy,
+            num_cpu_devices=args.num_cpu_devices,
+            steps_per_call=args.steps_per_call,
+            repeats=args.repeats,
+        )
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
