@@ -482,3 +482,9 @@ def test_suggested_scaling_rule(optimizer, rule, factor):
     )  # k = 4: √k = 2 for the adaptive optimizers, k for SGD and LARS
     with pytest.raises(ValueError, match="`optimizer`.*Received"):
         suggested_scaling_rule("adagrad")
+
+
+def test_rampup_plot(tmp_path):
+    path = tmp_path / "ramp.png"
+    plan_phases("rampup", **RAMP).plot(str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
