@@ -276,3 +276,15 @@ def test_batchnorm_runs_in_inference_mode_and_state_is_untouched() -> None:
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     np.testing.assert_allclose(result["loss"], float(loss_fn(y, model(x, training=False))), 1e-5)
     assert abs(result["loss"] - float(loss_fn(y, model(x, training=True)))) > 1e-3
+
+
+def test_the_module_is_callable_as_the_function() -> None:
+    """``tf_largebatch.sharpness`` may resolve to the module (see `_CallableModule`)."""
+    import inspect
+
+    import tf_largebatch.sharpness as module
+
+    model, x, y, hessian = _regression()
+    kwargs = {"loss": _mse, "num_power_iterations": 30, "num_perturbations": 1}
+    assert module(model, x, y, **kwargs) == sharpness(model, x, y, **kwargs)
+    assert inspect.signature(module) == inspect.signature(sharpness)

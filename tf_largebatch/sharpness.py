@@ -33,6 +33,9 @@ References:
 
 from __future__ import annotations
 
+import inspect
+import sys
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -395,3 +398,19 @@ def _perturbed_increases(
         for variable, value in zip(variables, saved):
             variable.assign(value)
     return increases
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``tf_largebatch.sharpness(...)`` call the function even when it finds this module.
+
+    The public name and the module share a name: once ``tf_largebatch.sharpness`` (the module)
+    has been imported, Python binds the package attribute ``sharpness`` to the module, which
+    hides the lazily exported function. Calling the module therefore calls the function.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return sharpness(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(sharpness)
