@@ -277,3 +277,26 @@ def test_cnn1d_weight_decay_on_kernels_only() -> None:
     assert len(model.losses) == len(kernels) == 4
     expected = 1e-3 / 2 * sum(float(np.sum(v.numpy() ** 2)) for v in kernels)
     np.testing.assert_allclose(float(sum(model.losses)), expected, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_cnn1d_beats_mlp_on_mnist1d() -> None:
+    """MNIST-1D's point (Greydanus 2020): the CNN (~94%) far ahead of an MLP (~68%).
+
+    Short form of the published recipe (Adam 1e-2, batch 100; 15 of its 150 epochs). Measured
+    on the full recipe (150 epochs): cnn1d 93.8%, our mlp 57.9% test accuracy.
+    """
+    mnist1d = data.load_data("mnist1d")
+    accuracy = {}
+    for name in ("mlp", "cnn1d"):
+        keras.utils.set_random_seed(0)
+        model = models.build_model(name, mnist1d.input_shape, mnist1d.num_classes, seed=0)
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-2),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        model.fit(mnist1d.x_train, mnist1d.y_train, batch_size=100, epochs=15, verbose=0)
+        accuracy[name] = model.evaluate(mnist1d.x_test, mnist1d.y_test, verbose=0)[1]
+    assert accuracy["cnn1d"] > 0.85, accuracy
+    assert accuracy["cnn1d"] > accuracy["mlp"] + 0.15, accuracy
