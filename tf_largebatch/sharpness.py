@@ -91,7 +91,8 @@ def sharpness(
     Args:
       model: A built Keras model (its variables may be mirrored by `strategy`).
       x: Inputs: an array, a dict (or list) of arrays for a multi-input model, or a
-        `tf.data.Dataset` of ``(x, y)`` batches (then `y` must be None).
+        `tf.data.Dataset` of ``(x, y)`` batches (then `y` must be None; finite, or cut by
+        `max_examples`: it is counted once, then re-read every pass).
       y: Labels, same number of examples as `x`.
       loss: A Keras loss (object, name or ``fn(y_true, y_pred)`` returning per-example
         values). None: the model's compiled loss if it is compiled, else sparse categorical
@@ -100,7 +101,8 @@ def sharpness(
         result does not depend on it).
       strategy: The `tf.distribute.Strategy` to split batches over; None: the current one
         (`tf.distribute.get_strategy()`).
-      num_power_iterations: Maximum number of HVPs (each one pass over the data).
+      num_power_iterations: Maximum number of HVPs (each one pass over the data, costing
+        about two gradient passes).
       tolerance: Relative change of the eigenvalue estimate that stops the iteration early;
         0 runs all `num_power_iterations`.
       num_perturbations: K, random directions averaged.
