@@ -559,7 +559,8 @@ def fit_link_latency(
 
 
 def examples_to_target(global_batch_size: float, noise_scale: float, min_examples: float) -> float:
-    """E(B) = E_min·(1 + B/B_noise) (McCandlish et al. 2018, eq. 2.11).
+    """E(B) = E_min·(1 + B/B_noise) (McCandlish et al. 2018, §2.3: the fit
+    (S/S_min − 1)(E/E_min − 1) = 1 with B_crit = E_min/S_min ≈ B_noise).
 
     Example:
       >>> examples_to_target(200, 100, 1e6)
@@ -572,7 +573,8 @@ def examples_to_target(global_batch_size: float, noise_scale: float, min_example
 
 
 def steps_to_target(global_batch_size: float, noise_scale: float, min_steps: float) -> float:
-    """S(B) = S_min·(1 + B_noise/B) (McCandlish et al. 2018, eq. 2.11).
+    """S(B) = S_min·(1 + B_noise/B) (McCandlish et al. 2018, §2.3: the fit
+    (S/S_min − 1)(E/E_min − 1) = 1 with B_crit = E_min/S_min ≈ B_noise).
 
     Example:
       >>> steps_to_target(50, 100, 1000)
@@ -604,7 +606,7 @@ def statistical_efficiency(
 ) -> float:
     """Examples needed at B₀ over examples needed at B: E(B₀)/E(B) = (B_noise + B₀)/(B_noise + B).
 
-    1 at B = B₀, ½ at B = B_noise + 2B₀; Pollux's EFFICIENCY (Qiao et al. 2021, eq. 5).
+    1 at B = B₀, ½ at B = B_noise + 2B₀; Pollux's EFFICIENCY (Qiao et al. 2021, §3).
 
     Example:
       >>> statistical_efficiency(300, 100, 100)
@@ -845,7 +847,7 @@ def goyal_scaling_efficiency(
     §5.5 and Figure 8). With the defaults (hierarchical, no overlap) the model gives 0.856; with
     the all-reduce fully pipelined behind backprop (``overlappable=1``, what their Caffe2/Gloo
     implementation does, §4.2) it gives 1.0, so the paper's 90% lies between the two bounds. A
-    single parameter server over the same 50 GbE gives 0.02.
+    single parameter server over the same 50 GbE gives 0.03.
 
     Example:
       >>> round(goyal_scaling_efficiency(), 3)
