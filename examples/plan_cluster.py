@@ -139,8 +139,11 @@ def goyal_report() -> dict:
     return rows
 
 
-def plan(config: PlanConfig) -> dict:
-    """Measure (or read), validate locally, search the grid; returns the JSON report."""
+def plan(config: PlanConfig, on_measured=None) -> dict:
+    """Measure (or read), validate locally, search the grid; returns the JSON report.
+
+    ``on_measured(measurements)`` is called as soon as the timings exist (to keep them).
+    """
     if config.measurements:
         with open(config.measurements) as f:
             measured = json.load(f)
@@ -153,6 +156,8 @@ def plan(config: PlanConfig) -> dict:
             steps_per_call=config.steps_per_call,
             repeats=config.repeats,
         )
+        if on_measured is not None:
+            on_measured(measured)
     local = goodput_measure.fit_local(measured)
     step_time = goodput.StepTimeModel(**local["step_time"])
     noise = config.noise_scale or measured["noise_scale"]["noise_scale"]
@@ -286,17 +291,22 @@ def main(argv):
         report["goyal_topologies"] = goyal_report()
     else:
         try:
-            report = plan(config_from_flags())
+            report = plan(config_from_flags(), on_measured=write_json)
         except ValueError as e:
             sys.exit(f"plan_cluster.py: error: {e}")
         print_report(report)
         if FLAGS.plot:
             plot(report, FLAGS.plot)
             print(f"Plot: {FLAGS.plot}")
+    write_json(report)
+    if FLAGS.output:
+        print(f"Report: {FLAGS.output}")
+
+
+def write_json(report: dict) -> None:
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:
             json.dump(report, f, indent=1)
-        print(f"Report: {FLAGS.output}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,17 @@ def test_fit_step_time_recovers_a_line_exactly():
     assert model.beta_seconds_per_example == pytest.approx(3e-6)
 
 
+def test_fit_step_time_keeps_alpha_and_beta_non_negative():
+    # Unconstrained: t = −1 + 2b (b = 1, 2, 3; t = 1, 3, 5). With α = 0: β = Σbt/Σb² = 22/14.
+    model = fit_step_time([1, 2, 3], [1.0, 3.0, 5.0])
+    assert model.alpha_seconds == 0.0
+    assert model.beta_seconds_per_example == pytest.approx(22 / 14)
+    # Falling times: β = 0 and α = the mean (better than α = 0 here).
+    model = fit_step_time([1, 2, 3], [3.0, 2.0, 1.0])
+    assert model.beta_seconds_per_example == 0.0
+    assert model.alpha_seconds == pytest.approx(2.0)
+
+
 @pytest.mark.parametrize(
     "batches, seconds, name",
     [

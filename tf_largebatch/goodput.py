@@ -114,10 +114,12 @@ class StepTimeModel:
 def fit_step_time(
     per_replica_batch_sizes: Sequence[float], seconds: Sequence[float]
 ) -> StepTimeModel:
-    """Least-squares fit of t(b) = α + β·b to timed steps.
+    """Least-squares fit of t(b) = α + β·b to timed steps, with α ≥ 0 and β ≥ 0.
 
-    β = Σ(b − b̄)(t − t̄)/Σ(b − b̄)², α = t̄ − β·b̄. A negative α (possible with noisy timings of
-    tiny steps) is kept: it is what the data say, and t(b) stays positive over the measured range.
+    Unconstrained: β = Σ(b − b̄)(t − t̄)/Σ(b − b̄)², α = t̄ − β·b̄. A step cannot take negative
+    time, but noisy timings of tiny steps can give α < 0 (or β < 0), and then t(b) < 0 at small
+    batches outside the measured range; the non-negative least-squares solution then lies on a
+    boundary, and the better of α = 0 (β = Σbt/Σb²) and β = 0 (α = t̄) is returned.
 
     Args:
       per_replica_batch_sizes: the batches b_i (at least two distinct values).
@@ -147,7 +149,14 @@ def fit_step_time(
     b_mean, t_mean = sum(b) / len(b), sum(t) / len(t)
     sxx = sum((x - b_mean) ** 2 for x in b)
     beta = sum((x - b_mean) * (y - t_mean) for x, y in zip(b, t)) / sxx
-    return StepTimeModel(t_mean - beta * b_mean, beta)
+    alpha = t_mean - beta * b_mean
+    if alpha >= 0 and beta >= 0:
+        return StepTimeModel(alpha, beta)
+    candidates = [
+        StepTimeModel(0.0, sum(x * y for x, y in zip(b, t)) / sum(x * x for x in b)),
+        StepTimeModel(t_mean, 0.0),
+    ]
+    return min(candidates, key=lambda m: sum((m(x) - y) ** 2 for x, y in zip(b, t)))
 
 
 def gradient_bytes(num_parameters: int, bytes_per_parameter: int = 4) -> int:
