@@ -8,6 +8,10 @@ r"""Train with linear scaling, warmup and batch-size phases, on 1 device, N devi
 Prints the phase table, a progress bar per epoch and a summary; writes
 ``--model_dir``/results.json, model.keras, checkpoints (rerun the same command to resume) and
 TensorBoard logs.
+
+Exit status: 0 done; 2 bad input (one line on stderr, ``train.py: error: <message>``, naming
+the flag or file and the value; nothing written to ``--model_dir``); 143 stopped by SIGTERM
+(preemption) and 130 by Ctrl-C, after saving a checkpoint: rerun the same command to resume.
 """
 
 import os
@@ -28,7 +32,12 @@ from tf_largebatch.experiment import (
 from tf_largebatch.phases import WARMUPS
 
 _D = ExperimentConfig()
-flags.DEFINE_string("dataset", _D.dataset, "digits (offline), a TFDS name, or npz:PATH.")
+flags.DEFINE_string(
+    "dataset",
+    _D.dataset,
+    "digits (offline), mnist1d or mnist1d:N (generated offline), a TFDS name prepared in "
+    "--data_dir, or npz:PATH.",
+)
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 flags.DEFINE_enum("model", _D.model, ["auto", "mlp", "cnn", "resnet20", "resnet50"], "Model.")
 flags.DEFINE_enum("mode", _D.mode, list(EXPERIMENT_MODES), "How decay epochs are applied.")
@@ -88,18 +97,67 @@ def config_from_flags() -> ExperimentConfig:
     return ExperimentConfig(**{**fields, "decay_epochs": decay_epochs})
 
 
+def check_model_dir(model_dir: str) -> None:
+    """--model_dir must be a directory or creatable as one (local paths; URLs pass)."""
+    if "://" in model_dir:
+        return
+    path = os.path.abspath(model_dir)
+    while True:
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                what = "names" if path == os.path.abspath(model_dir) else f"is inside {path!r},"
+                raise ValueError(
+                    f"Flag --model_dir must be a directory; it {what} an existing file. "
+                    f"Received: --model_dir={model_dir}"
+                )
+            return
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
 def print_plan(plan, strategy) -> None:
     print(f"Replicas in sync: {strategy.num_replicas_in_sync}")
     print(plan.table(), flush=True)
 
 
+def fail(message: str, status: int = 2) -> None:
+    """One line on stderr, no traceback, and the exit status."""
+    print(f"train.py: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def parse_flags(argv):
+    """absl's flag parsing with its errors as one ``train.py: error:`` line, exit status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(f"error: {' '.join(str(e).split())}")
+
+
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        fail(f"error: unexpected arguments {argv[1:]} (every option is a --flag=value)")
     logging.set_verbosity(logging.WARNING)
     try:
+        check_model_dir(FLAGS.model_dir)
         results = run_experiment(config_from_flags(), on_plan=print_plan)
     except ValueError as e:
-        sys.exit(f"train.py: error: {e}")
+        fail(f"error: {' '.join(str(e).split())}")
+    except RuntimeError as e:
+        # The Trainer's `Preempted` (SIGTERM / SIGINT; a checkpoint was saved) carries the
+        # exit status to use: 143 or 130.
+        status = getattr(e, "exit_status", None)
+        if not isinstance(status, int):
+            raise
+        fail(" ".join(str(e).split()), status=status)
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted; rerun the same command to resume from the last checkpoint in "
+            f"--model_dir={FLAGS.model_dir}",
+            status=130,
+        )
     summary = {
         k: results[k]
         for k in (
@@ -127,4 +185,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -110,9 +110,10 @@ def test_mirrored_two_cpu_devices_matches_one_device(tmp_path):
 def test_bad_input_is_one_clear_line_and_keeps_checkpoint(tmp_path, args, flag, good_run):
     model_dir, before = good_run
     proc = run(f"--model_dir={model_dir}", *QUICK, *args, check=False)
-    assert proc.returncode != 0
-    error = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(error) == 1 and flag in error[0], proc.stderr[-2000:]
+    assert proc.returncode == 2
+    error = own_stderr(proc)
+    assert len(error) == 1 and error[0].startswith("train.py: error: "), proc.stderr[-2000:]
+    assert flag in error[0]
     assert snapshot(model_dir) == before  # nothing written over the good run
 
 
@@ -122,6 +123,144 @@ def test_npz_missing_arrays(tmp_path):
         f"--model_dir={tmp_path / 'm'}", f"--dataset=npz:{tmp_path / 'bad.npz'}", check=False
     )
     assert proc.returncode != 0 and "x_test" in proc.stderr and "dataset" in proc.stderr
+
+
+# TensorFlow's C++ runtime writes these to stderr whatever TF_CPP_MIN_LOG_LEVEL says.
+TF_RUNTIME_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog|[IWE]\d{4} )"
+)
+
+
+def own_stderr(proc):
+    """The stderr lines train.py itself wrote (TensorFlow's runtime lines dropped)."""
+    return [line for line in proc.stderr.splitlines() if not TF_RUNTIME_NOISE.match(line)]
+
+
+def _npz(path, y_train, y_test):
+    n, m = len(y_train), len(y_test)
+    np.savez(path, x_train=np.zeros((n, 8, 8)), y_train=y_train, x_test=np.zeros((m, 8, 8)),
+             y_test=y_test)  # fmt: skip
+    return path
+
+
+def _bad_inputs(tmp_path):
+    """(flags, the one expected stderr line) for each bad input of issue 11."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory\n")
+    not_npz = tmp_path / "notes.npz"
+    not_npz.write_text("not an archive\n")
+    labels = np.arange(40) % 10
+    negative = _npz(tmp_path / "neg.npz", np.r_[labels[:-1], -1], labels[:10])
+    fractional = _npz(tmp_path / "frac.npz", np.r_[labels[:-1], 2.5], labels[:10])
+    unseen = _npz(tmp_path / "unseen.npz", labels % 5, labels[:10])
+    tfds_dir = tmp_path / "tfds"
+    e = "train.py: error: "
+    return {
+        "negative_label": (
+            [f"--dataset=npz:{negative}"],
+            f"{e}Argument `dataset` must have y_train labels that are >= 0. "
+            f"Received: dataset='npz:{negative}' with y_train label -1",
+        ),
+        "fractional_label": (
+            [f"--dataset=npz:{fractional}"],
+            f"{e}Argument `dataset` must have y_train labels that are whole numbers. "
+            f"Received: dataset='npz:{fractional}' with y_train label 2.5",
+        ),
+        "test_label_unseen": (
+            [f"--dataset=npz:{unseen}"],
+            f"{e}Argument `dataset` must have every y_test label among the y_train labels. "
+            f"Received: dataset='npz:{unseen}' with y_test label 5 absent from y_train "
+            "(5 such labels)",
+        ),
+        "npz_not_an_archive": (
+            [f"--dataset=npz:{not_npz}"],
+            f"{e}Argument `dataset` must be 'npz:' followed by a NumPy .npz archive; "
+            f"'{not_npz}' is not one. Received: dataset='npz:{not_npz}'",
+        ),
+        "tfds_offline": (
+            ["--dataset=mnist", f"--data_dir={tfds_dir}"],
+            f"{e}Argument `dataset` names a TFDS data set not found in data_dir='{tfds_dir}' "
+            "(no download is attempted); prepare it first with a network (`tfds build mnist "
+            "--data_dir=DIR`) and pass --data_dir=DIR, or use npz:PATH. Received: "
+            "dataset='mnist'",
+        ),
+        "model_dir_is_a_file": (
+            [f"--model_dir={a_file}"],
+            f"{e}Flag --model_dir must be a directory; it names an existing file. "
+            f"Received: --model_dir={a_file}",
+        ),
+        "model_dir_inside_a_file": (
+            [f"--model_dir={a_file / 'run'}"],
+            f"{e}Flag --model_dir must be a directory; it is inside '{a_file}', an existing "
+            f"file. Received: --model_dir={a_file / 'run'}",
+        ),
+        "flag_not_an_integer": (
+            ["--global_batch_size=abc"],
+            f"{e}flag --global_batch_size=abc: invalid literal for int() with base 10: 'abc'",
+        ),
+        "flag_not_a_choice": (
+            ["--model=xyz"],
+            f"{e}flag --model=xyz: value should be one of <auto|mlp|cnn|resnet20|resnet50>",
+        ),
+        "mnist1d_bad_count": (
+            ["--dataset=mnist1d:15"],
+            f"{e}Argument `dataset` must be 'mnist1d' or 'mnist1d:N' with N a multiple of 10, "
+            ">= 10. Received: dataset='mnist1d:15'",
+        ),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    [
+        "negative_label",
+        "fractional_label",
+        "test_label_unseen",
+        "npz_not_an_archive",
+        "tfds_offline",
+        "model_dir_is_a_file",
+        "model_dir_inside_a_file",
+        "flag_not_an_integer",
+        "flag_not_a_choice",
+        "mnist1d_bad_count",
+    ],
+)
+def test_front_door_errors_are_one_line_exit_2_nothing_left(tmp_path, case):
+    args, expected = _bad_inputs(tmp_path)[case]
+    model_dir = tmp_path / "run"
+    start = time.monotonic()
+    proc = run(f"--model_dir={model_dir}", *QUICK, *args, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert own_stderr(proc) == [expected]
+    assert not model_dir.exists()  # nothing left behind
+    assert time.monotonic() - start < 60  # offline TFDS: no download retries
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    """SIGINT mid-training: exit 130 and one line saying to rerun the same command."""
+    args = [f"--model_dir={tmp_path}", "--epochs=200", "--decay_epochs=100", "--verbose=0"]
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN, *args],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / "history.json").exists() and time.time() < deadline:
+        time.sleep(0.05)  # training has started: at least one epoch done
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if not TF_RUNTIME_NOISE.match(line)]
+    assert line.startswith("train.py: ") and str(tmp_path) in line
+    assert "rerun the same command to resume" in line.lower()
+    assert (tmp_path / "ckpt").is_dir()
 
 
 def snapshot(model_dir):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging as logging_std
 import os
 import random
 import zipfile
@@ -208,7 +209,24 @@ def _load_mnist1d(name: str) -> ArrayData:
     return _arrays(name, *_mnist1d_arrays(num_examples), 10, images=False)
 
 
+class _DropMissingVariantWarnings(logging_std.Filter):
+    """Drops TFDS's "Variant folder ... has no dataset_info.json" lines: we report that case."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return "has no dataset_info.json" not in record.getMessage()
+
+
 def _load_tfds(name: str, data_dir: str | None) -> ArrayData:
+    quiet = _DropMissingVariantWarnings()
+    absl_logger = logging_std.getLogger("absl")
+    absl_logger.addFilter(quiet)
+    try:
+        return _load_tfds_prepared(name, data_dir)
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
+def _load_tfds_prepared(name: str, data_dir: str | None) -> ArrayData:
     import tensorflow_datasets as tfds  # Slow import: only when a TFDS data set is asked for.
 
     try:
