@@ -1,6 +1,6 @@
 r"""Plan a cluster before paying for it: goodput = examples/s × statistical efficiency.
 
-  python examples/plan_cluster.py                                  # digits MLP, ~2 min
+  python examples/plan_cluster.py                                  # digits MLP, 2-4 min
   python examples/plan_cluster.py --measurements=/tmp/plan/measurements.json  # no measuring
   python examples/plan_cluster.py --budget_devices=8 --network=25gbe --plot=/tmp/plan.png
   python examples/plan_cluster.py --goyal_only                     # Goyal et al.'s 8 -> 256 GPUs
@@ -29,8 +29,9 @@ flags.DEFINE_string("model", "mlp", "Model name (tf_largebatch.models).")
 flags.DEFINE_string("dataset", "digits", "Data set (digits offline, a TFDS name, npz:PATH).")
 flags.DEFINE_string("measurements", None, "Read measurements from this JSON instead of timing.")
 flags.DEFINE_list("per_replica_batch_sizes", ["16", "64", "256"], "Per-replica batches timed.")
-flags.DEFINE_integer("steps_per_call", 50, "Timed steps per compiled call.")
-flags.DEFINE_integer("repeats", 10, "Timed calls per batch (fastest kept).")
+flags.DEFINE_integer("steps_per_call", 10, "Timed steps per compiled call.")
+flags.DEFINE_integer("repeats", 30, "Timed calls per batch (fastest kept).")
+flags.DEFINE_integer("rounds", 1, "Measure every configuration this many times (fastest kept).")
 flags.DEFINE_list("workers", ["1", "2", "4", "8", "16", "32"], "Grid: hosts.")
 flags.DEFINE_integer("devices_per_worker", 1, "Grid: replicas per host.")
 flags.DEFINE_list("global_batch_sizes", ["32", "64", "128", "256", "512", "1024"], "Grid: B.")
@@ -60,6 +61,7 @@ class PlanConfig:
     Attributes:
       measurements: JSON from a previous run (its ``measurements`` field) or None to measure.
       per_replica_batch_sizes: batches timed in every local configuration.
+      steps_per_call, repeats, rounds: timing (`goodput_measure.measure_local`).
       cluster: the hardware template of the grid (``workers`` is varied).
       workers, global_batch_sizes, accumulation_steps: the grid.
       max_per_replica_batch_size, budget_devices, budget_device_hours: constraints.
@@ -74,6 +76,7 @@ class PlanConfig:
     per_replica_batch_sizes: tuple[int, ...]
     steps_per_call: int
     repeats: int
+    rounds: int
     cluster: goodput.Cluster
     workers: tuple[int, ...]
     global_batch_sizes: tuple[int, ...]
@@ -97,6 +100,7 @@ def config_from_flags() -> PlanConfig:
         per_replica_batch_sizes=ints(FLAGS.per_replica_batch_sizes),
         steps_per_call=FLAGS.steps_per_call,
         repeats=FLAGS.repeats,
+        rounds=FLAGS.rounds,
         cluster=goodput.Cluster(
             1,
             FLAGS.devices_per_worker,
@@ -155,6 +159,7 @@ def plan(config: PlanConfig, on_measured=None) -> dict:
             dataset=config.dataset,
             steps_per_call=config.steps_per_call,
             repeats=config.repeats,
+            rounds=config.rounds,
         )
         if on_measured is not None:
             on_measured(measured)
