@@ -20,10 +20,13 @@ import sys
 from absl import app, flags, logging
 
 from tf_largebatch import ExperimentConfig, run_experiment, suggest_global_batch_size
+from tf_largebatch.models import MODEL_NAMES
 
-flags.DEFINE_string("dataset", "digits", "digits (offline), a TFDS name, or npz:PATH.")
+flags.DEFINE_string(
+    "dataset", "digits", "digits or mnist1d[:N] (offline), a prepared TFDS name, or npz:PATH."
+)
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-flags.DEFINE_enum("model", "auto", ["auto", "mlp", "cnn", "resnet20", "resnet50"], "Model.")
+flags.DEFINE_enum("model", "auto", list(MODEL_NAMES), "Model.")
 flags.DEFINE_integer("global_batch_size", 32, "Global batch of the measuring run.")
 flags.DEFINE_float("base_learning_rate", 0.1, "Learning rate per base_batch_size.")
 flags.DEFINE_integer("base_batch_size", 32, "Reference batch of the base learning rate.")
@@ -86,8 +89,9 @@ def main(argv):
     )
     try:
         results = run_experiment(config)
-    except ValueError as e:
-        sys.exit(f"measure_noise_scale.py: error: {e}")
+    except ValueError as e:  # one line, exit status 2, as train.py
+        print(f"measure_noise_scale.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     steps = results["noise_scale_steps"]
     b_simple = results["history"][-1]["noise_scale"]
     suggested = suggest_global_batch_size(

@@ -29,6 +29,7 @@ from tf_largebatch.experiment import (
     ExperimentConfig,
     run_experiment,
 )
+from tf_largebatch.models import MODEL_NAMES
 from tf_largebatch.phases import WARMUPS
 
 _D = ExperimentConfig()
@@ -39,7 +40,7 @@ flags.DEFINE_string(
     "--data_dir, or npz:PATH.",
 )
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-flags.DEFINE_enum("model", _D.model, ["auto", "mlp", "cnn", "resnet20", "resnet50"], "Model.")
+flags.DEFINE_enum("model", _D.model, list(MODEL_NAMES), "Model.")
 flags.DEFINE_enum("mode", _D.mode, list(EXPERIMENT_MODES), "How decay epochs are applied.")
 flags.DEFINE_integer("epochs", _D.epochs, "Total epochs.")
 flags.DEFINE_list("decay_epochs", [str(e) for e in _D.decay_epochs], "Decay epochs, e.g. 30,60,80.")

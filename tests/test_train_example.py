@@ -200,7 +200,7 @@ def _bad_inputs(tmp_path):
         ),
         "flag_not_a_choice": (
             ["--model=xyz"],
-            f"{e}flag --model=xyz: value should be one of <auto|mlp|cnn|resnet20|resnet50>",
+            f"{e}flag --model=xyz: value should be one of <auto|mlp|cnn|cnn1d|resnet20|resnet50>",
         ),
         "mnist1d_bad_count": (
             ["--dataset=mnist1d:15"],
