@@ -4,6 +4,8 @@ A *source* has ``num_examples`` and ``make_dataset_fn(global_batch_size, *, seed
 end_epoch, skip_steps=0, static_batch_size=True)`` returning the ``dataset_fn(input_context)``
 that `tf.distribute.Strategy.distribute_datasets_from_function` takes: per-replica batches of
 epochs [start_epoch, end_epoch), the first `skip_steps` steps of `start_epoch` skipped (resume).
+`ArraysSource` and `DatasetSource` also take ``example_offset``: `start_epoch` begins that many
+examples into its permutation (a phase that starts inside an epoch, `PhasePlan.segments`).
 `as_source` turns what `model.fit` takes into one:
 
 - NumPy arrays, or tuples / dicts of them (``x``, ``y``, ``sample_weight``): `ArraysSource`,
@@ -116,15 +118,14 @@ class ArraysSource:
         skip_steps: int = 0,
         static_batch_size: bool = True,
         shuffle: bool = True,
+        example_offset: int = 0,
     ) -> DatasetFn:
         """Per-replica batches of epochs [start_epoch, end_epoch) (see the module docstring)."""
         check_positive_int("global_batch_size", global_batch_size)
         n, batch = self.num_examples, global_batch_size
         if batch > n:
             _fail("global_batch_size", f"<= the number of examples ({n})", batch)
-        steps = steps_per_epoch(n, batch)
-        if not 0 <= skip_steps < steps:
-            _fail("skip_steps", f"in [0, {steps})", skip_steps)
+        offset = _first_offset(n, batch, skip_steps, example_offset)
         tensors = self.tensors()
         static = batch if static_batch_size else None
 
@@ -136,10 +137,10 @@ class ArraysSource:
 
             def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
                 perm = _permutation(n, seed, epoch) if shuffle else tf.range(n, dtype=tf.int64)
-                first = tf.where(epoch == start_epoch, tf.constant(skip_steps, tf.int64), 0)
-                steps_ds = tf.data.Dataset.range(first, steps)
-                return steps_ds.flat_map(
-                    lambda t: _replica_pieces(perm[t * size : (t + 1) * size], input_context, size)
+                first = tf.where(epoch == start_epoch, tf.constant(offset, tf.int64), 0)
+                starts = tf.data.Dataset.range(first, n - batch + 1, batch)
+                return starts.flat_map(
+                    lambda i: _replica_pieces(perm[i : i + size], input_context, size)
                 )
 
             def gather(idx: tf.Tensor) -> Any:
@@ -231,6 +232,7 @@ class DatasetSource:
         end_epoch: int,
         skip_steps: int = 0,
         static_batch_size: bool = True,
+        example_offset: int = 0,
     ) -> DatasetFn:
         """Per-replica batches of epochs [start_epoch, end_epoch) (see the class docstring)."""
         del static_batch_size  # the batch dimension is dynamic after the cut: one trace
@@ -238,6 +240,7 @@ class DatasetSource:
         batch, buffer = global_batch_size, self.shuffle_buffer_size
         if batch > self.num_examples:
             _fail("global_batch_size", f"<= the number of examples ({self.num_examples})", batch)
+        offset = _first_offset(self.num_examples, batch, skip_steps, example_offset)
 
         def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
             replicas = input_context.num_replicas_in_sync
@@ -255,8 +258,8 @@ class DatasetSource:
                     data = data.shuffle(
                         buffer, seed=tf.constant(seed, tf.int64) * 1_000_003 + epoch
                     )
+                data = data.skip(_skip(epoch, start_epoch, offset))  # examples, then batch
                 data = data.batch(batch, drop_remainder=True)
-                data = data.skip(_skip(epoch, start_epoch, skip_steps))
                 return data.flat_map(lambda *b: _replica_pieces(_unwrap(b), input_context, size))
 
             dataset = tf.data.Dataset.range(start_epoch, end_epoch).flat_map(epoch_batches)
@@ -265,9 +268,26 @@ class DatasetSource:
         return dataset_fn
 
 
-def _skip(epoch: tf.Tensor, start_epoch: int, skip_steps: int) -> tf.Tensor:
-    """Steps to skip in `epoch`: `skip_steps` in the first epoch of a pipeline, else 0."""
-    return tf.where(epoch == start_epoch, tf.constant(skip_steps, tf.int64), 0)
+def _skip(epoch: tf.Tensor, start_epoch: int, count: int) -> tf.Tensor:
+    """What to skip in `epoch`: `count` in the first epoch of a pipeline, else 0."""
+    return tf.where(epoch == start_epoch, tf.constant(count, tf.int64), 0)
+
+
+def _first_offset(num_examples: int, batch: int, skip_steps: int, example_offset: int) -> int:
+    """Examples of the first epoch to skip: ``example_offset + skip_steps·batch``.
+
+    Raises:
+      ValueError: not a whole batch left in the first epoch after the offset.
+    """
+    offset = example_offset + skip_steps * batch
+    if skip_steps < 0 or example_offset < 0 or offset + batch > num_examples:
+        _fail(
+            "skip_steps",
+            f"leaving a whole batch of {batch} in the first epoch of {num_examples} examples "
+            f"after example_offset={example_offset}",
+            skip_steps,
+        )
+    return offset
 
 
 def _unwrap(elements: tuple[Any, ...]) -> Any:

@@ -51,9 +51,11 @@ class TrainStep:
       jit_compile: XLA-compile the per-replica forward/backward pass.
       noise_estimator: if given, updated every step with the |G|² and tr(Σ) estimates.
 
-    Calling it returns ``(loss_sum, metrics, b_simple)``: the sum over the steps run of the
-    global-batch losses, the compiled metrics over the epoch so far (``{name: value}``), and the
-    estimator's B_simple after the last step (NaN without an estimator).
+    Calling it returns ``(loss_sum, metrics, b_simple, votes)``: the sum over the steps run of
+    the global-batch losses, the compiled metrics over the epoch so far (``{name: value}``), the
+    estimator's B_simple after the last step (NaN without an estimator), and the sum over
+    replicas of ``vote`` (the controller's stop flag, reduced with the loss: > 0 on every
+    worker as soon as one worker voted).
     """
 
     def __init__(
@@ -81,9 +83,9 @@ class TrainStep:
         self._steps = tf.function(self._steps_fn)
 
     def __call__(
-        self, iterator: Any, num_steps: int, num_micro: int
-    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor]:
-        return self._steps(iterator, tf.constant(num_steps), num_micro)
+        self, iterator: Any, num_steps: int, num_micro: int, vote: float = 0.0
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:
+        return self._steps(iterator, tf.constant(num_steps), num_micro, tf.constant(vote))
 
     # ---- hooks ------------------------------------------------------------------------------
 
@@ -127,7 +129,7 @@ class TrainStep:
         self.update_metrics(x, y, y_pred, sample_weight)
         return loss, grads
 
-    def _replica_step(self, data: Any, num_micro: int) -> tuple[Any, Any, Any]:
+    def _replica_step(self, data: Any, num_micro: int, vote: Any) -> tuple[Any, Any, Any]:
         variables = self.model.trainable_variables
         measure = self.noise_estimator is not None
         small_sq = tf.constant(0.0)
@@ -156,7 +158,7 @@ class TrainStep:
             self._apply_reduced(grads, variables)
         else:
             self.optimizer.apply_gradients(zip(grads, variables))
-        return loss, g2, trace
+        return tf.stack([loss, vote]), g2, trace
 
     @tf.autograph.experimental.do_not_convert
     def _apply_reduced(self, grads: list[Any], variables: list[Any]) -> None:
@@ -205,15 +207,17 @@ class TrainStep:
         return grads, g2, trace
 
     def _steps_fn(
-        self, iterator: Any, num_steps: tf.Tensor, num_micro: int
-    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor]:
+        self, iterator: Any, num_steps: tf.Tensor, num_micro: int, vote: tf.Tensor
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:
         self.trace_count += 1  # Python side effect: runs once per trace
-        loss_sum = tf.constant(0.0)
+        loss_sum, votes = tf.constant(0.0), tf.constant(0.0)
         for _ in tf.range(num_steps):
-            loss, g2, trace = self.strategy.run(
-                self._replica_step, args=(next(iterator), num_micro)
+            both, g2, trace = self.strategy.run(
+                self._replica_step, args=(next(iterator), num_micro, vote)
             )
-            loss_sum += self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+            both = self.strategy.reduce(tf.distribute.ReduceOp.SUM, both, axis=None)
+            loss_sum += both[0]
+            votes = both[1]
             if self.noise_estimator is not None:  # identical on every replica: take the first
                 local = self.strategy.experimental_local_results
                 self.noise_estimator.update(local(g2)[0], local(trace)[0])
@@ -222,7 +226,8 @@ class TrainStep:
             if self.noise_estimator is not None
             else tf.constant(float("nan"))
         )
-        return loss_sum, metric_results(self.model, [self.model._loss_tracker]), b_simple
+        metrics = metric_results(self.model, [self.model._loss_tracker])
+        return loss_sum, metrics, b_simple, votes
 
 
 class EvalStep:

@@ -28,16 +28,13 @@ computation is `steps.TrainStep` / `steps.EvalStep`, whose hooks a subclass can 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_largebatch import callbacks as callbacks_lib
@@ -50,8 +47,13 @@ from tf_largebatch._validation import (
     check_non_negative_int,
     check_positive_int,
 )
-from tf_largebatch.checkpoints import RunState
-from tf_largebatch.fitting import set_momentum
+from tf_largebatch.checkpoints import RunState, read_json
+from tf_largebatch.controller import (
+    Controller,
+    NonFiniteLossError,  # noqa: F401 (re-exported)
+    Preempted,  # noqa: F401 (re-exported)
+    fill_history,
+)
 from tf_largebatch.phases import PhasePlan
 from tf_largebatch.steps import EvalStep, TrainStep
 
@@ -151,35 +153,6 @@ def micro_batches(per_replica_batch_size: int, max_per_replica_batch_size: int |
     return k
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; nothing was saved after the last good state."""
-
-
-_BOOKKEEPING = ("epoch", "phase", "steps", "examples_per_second", "partial", "adaptive_decision")
-
-
-def _keras_logs(record: dict[str, Any]) -> dict[str, Any]:
-    """The ``model.fit``-style logs kept in a history record (aliases and bookkeeping dropped)."""
-    return {
-        k: v
-        for k, v in record.items()
-        if k not in _BOOKKEEPING and not k.startswith(("train_", "test_"))
-    }
-
-
-def _record(epoch: int, logs: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """One ``history.json`` record: the epoch's logs plus ``train_``/``test_`` aliases."""
-    aliases = {}
-    for key, value in logs.items():
-        if key.startswith("val_"):
-            aliases[f"test_{key[4:]}"] = value
-        elif key in ("learning_rate", "global_batch_size", "momentum", "noise_scale"):
-            continue
-        else:
-            aliases[f"train_{key}"] = value
-    return {"epoch": epoch, **extra, **logs, **aliases}
-
-
 class Trainer:
     """Trains a Keras model through the phases of a `PhasePlan` under a `tf.distribute` strategy.
 
@@ -199,6 +172,9 @@ class Trainer:
       optimizer_fn: for an uncompiled model: builds the optimizer from the plan's schedule;
         default our `SGD` with momentum correction.
       strategy: default ``tf.distribute.get_strategy()``.
+      learning_rate_fn: the schedule put into the optimizer for a plan (also for a plan
+        adopted later); default ``plan.learning_rate_schedule()`` (warmup, then each phase's
+        learning rate). E.g. ``lambda plan: InverseSqrtDecay(1e-3, plan.warmup_steps)``.
 
     Raises:
       ValueError: a phase's global batch not divisible by the number of replicas.
@@ -223,8 +199,10 @@ class Trainer:
         metrics: Sequence[Any] | None = None,
         optimizer_fn: Callable[[Schedule], keras.optimizers.Optimizer] | None = None,
         strategy: tf.distribute.Strategy | None = None,
+        learning_rate_fn: Callable[[PhasePlan], Schedule] | None = None,
     ) -> None:
         self.plan = self.initial_plan = plan
+        self.learning_rate_fn = learning_rate_fn or PhasePlan.learning_rate_schedule
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
         self.num_replicas = self.strategy.num_replicas_in_sync
@@ -267,7 +245,7 @@ class Trainer:
 
     def _compile(self, loss: Any, metrics: Any, optimizer_fn: Any) -> None:
         """Compiles an uncompiled model; puts the plan's schedule into the optimizer."""
-        schedule = self.plan.learning_rate_schedule()
+        schedule = self.learning_rate_fn(self.plan)
         if not getattr(self.model, "compiled", False):
             if optimizer_fn is None:
                 from tf_largebatch.optimizers import SGD
@@ -425,7 +403,7 @@ class Trainer:
             return
         self.plan = plan
         inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        inner.learning_rate = plan.learning_rate_schedule()
+        inner.learning_rate = self.learning_rate_fn(plan)
         self.train_step.retrace()
         self.state.write_plan(self.initial_plan, plan)
 
@@ -469,6 +447,8 @@ class Trainer:
           ValueError: bad inputs (sizes, batch sizes, a model_dir of another plan).
           NonFiniteLossError: the training loss became NaN or infinite (the last good
             checkpoint is kept; no model is saved).
+          Preempted: SIGTERM or Ctrl-C (on any worker): every worker saved a checkpoint at
+            the same step; rerun to resume.
         """
         cfg, plan = self.config, self.plan
         check_positive_int("validation_freq", validation_freq)
@@ -487,29 +467,42 @@ class Trainer:
             if not isinstance(validation_data, (tuple, list)):
                 parts = (validation_data,)
             validation = inputs_lib.EvalDataset(*parts, batch_size=cfg.eval_batch_size)
-        self._build(self._dataset_fn(source, 0, 0))
+        self._build(self._first_dataset_fn(source))
         tf.io.gfile.makedirs(cfg.model_dir)
         records = self._restore()
         self.state.write_plan(self.initial_plan, self.plan)
         callback_list, history = self._callbacks(callbacks)
-        loop = _Loop(self, source, validation, validation_freq, callback_list, records)
-        loop.run()
-        self.results = loop.results()
+        step = int(self.state.steps_run.numpy())
+        results_path = os.path.join(cfg.model_dir, "results.json")
+        if step == self.plan.total_steps and tf.io.gfile.exists(results_path):
+            _log.warning(
+                "The run in model_dir=%r is already complete (%d steps); its results are kept.",
+                cfg.model_dir, step,
+            )  # fmt: skip
+            self.results = read_json(results_path)
+            fill_history(history, records)
+            self.state.finish()
+            return history
+        if step:
+            epoch, _ = self.plan.position_at_step(step)
+            _log.warning(
+                "resuming at epoch %d, step %d of %d (model_dir=%r, %d replicas)",
+                epoch + 1, step, self.plan.total_steps, cfg.model_dir, self.num_replicas,
+            )  # fmt: skip
+        controller = Controller(self, source, validation, validation_freq, callback_list, records)
+        controller.run()
+        self.results = controller.results()
         self.state.write("results.json", self.results)
         if self.is_chief and cfg.save_model:
             self.model.save(os.path.join(cfg.model_dir, "model.keras"))
         return history
 
-    def _dataset_fn(self, source: Any, epoch: int, skip: int) -> inputs_lib.DatasetFn:
-        phase = self.plan.phases[self.plan.phase_index(epoch)]
+    def _first_dataset_fn(self, source: Any) -> inputs_lib.DatasetFn:
+        """A pipeline of the first phase (its element spec builds the model)."""
         return source.make_dataset_fn(
-            phase.global_batch_size,
-            seed=self.config.seed,
-            start_epoch=epoch,
-            end_epoch=phase.end_epoch,
-            skip_steps=skip,
-            static_batch_size=False,
-        )  # no static batch dimension: one trace serves every phase
+            self.plan.phases[0].global_batch_size, seed=self.config.seed, start_epoch=0,
+            end_epoch=1, static_batch_size=False,
+        )  # fmt: skip
 
     def _callbacks(
         self, callbacks: Any
@@ -533,204 +526,3 @@ class Trainer:
             epochs=self.plan.epochs, steps=self.plan.phases[0].steps_per_epoch,
         )  # fmt: skip
         return callback_list, history
-
-
-class _Loop:
-    """One ``Trainer.fit`` run: epochs through phases, callbacks, evaluation, checkpoints."""
-
-    def __init__(
-        self,
-        trainer: Trainer,
-        source: Any,
-        validation: inputs_lib.EvalDataset | None,
-        validation_freq: int,
-        callbacks: keras.callbacks.CallbackList,
-        records: list[dict[str, Any]],
-    ) -> None:
-        self.t, self.source, self.validation = trainer, source, validation
-        self.validation_freq, self.callbacks, self.records = validation_freq, callbacks, records
-        self.switch_seconds: list[float] = []
-        self.train_seconds, self.examples = 0.0, 0
-        self.noise_steps: list[list[float]] = []
-        self.stopped_early = False
-        self.writer = (
-            tf.summary.create_file_writer(os.path.join(trainer.config.model_dir, "tensorboard"))
-            if trainer.is_chief
-            else tf.summary.create_noop_writer()
-        )
-        self.wall_start = time.perf_counter()
-
-    def run(self) -> None:
-        t, callbacks = self.t, self.callbacks
-        t.model.stop_training = False
-        callbacks.on_train_begin()
-        history = callbacks.callbacks[-1]
-        for record in self.records:  # the returned History covers the resumed epochs too
-            history.epoch.append(record["epoch"])
-            for key, value in _keras_logs(record).items():
-                history.history.setdefault(key, []).append(value)
-        logs: dict[str, Any] = {}
-        epoch = int(t.state.epoch.numpy())
-        iterator, built = None, None
-        while epoch < t.plan.epochs and not t.model.stop_training:
-            index = t.plan.phase_index(epoch)
-            phase = t.plan.phases[index]
-            skip = int(t.state.step_in_epoch.numpy())
-            setup_start = None
-            if (index, phase) != built:
-                setup_start = time.perf_counter() if built is not None else None
-                iterator = self._start_phase(index, phase, epoch, skip, first=built is None)
-                built = (index, phase)
-            logs = self._epoch(iterator, epoch, index, phase, skip, setup_start)
-            epoch = int(t.state.epoch.numpy())
-            if built is not None and (
-                epoch >= t.plan.epochs
-                or t.plan.phase_index(epoch) != index
-                or t.plan.phases[index] != phase
-                or t.model.stop_training
-            ):
-                callbacks_lib.call_phase_hook(callbacks, "on_phase_end", index, phase)
-        self.stopped_early = epoch < t.plan.epochs
-        if self.stopped_early:
-            _log.warning(
-                "Training stopped early by a callback at epoch %d, step %d (of %d epochs).",
-                epoch + 1, int(t.state.step_in_epoch.numpy()), t.plan.epochs,
-            )  # fmt: skip
-        callbacks.on_train_end(logs)
-        t.state.finish()
-
-    def _start_phase(self, index: int, phase: Any, epoch: int, skip: int, first: bool) -> Any:
-        t = self.t
-        inner = getattr(t.optimizer, "inner_optimizer", t.optimizer)
-        if set_momentum(inner, phase.momentum):
-            t.train_step.retrace()  # Keras's SGD bakes its momentum into the trace
-        t.state.phase.assign(index)
-        dataset_fn = t._dataset_fn(self.source, epoch, skip)
-        self.callbacks.set_params(
-            {"verbose": int(bool(t.config.verbose) and t.is_chief), "epochs": t.plan.epochs,
-             "steps": phase.steps_per_epoch}
-        )  # fmt: skip
-        callbacks_lib.call_phase_hook(self.callbacks, "on_phase_begin", index, phase)
-        _log.info(
-            "phase %d from epoch %d: global batch %d, learning rate %.4g, momentum %g",
-            index, epoch + 1, phase.global_batch_size, phase.learning_rate, phase.momentum,
-        )  # fmt: skip
-        return iter(t.strategy.distribute_datasets_from_function(dataset_fn))
-
-    def _epoch(
-        self, iterator: Any, epoch: int, index: int, phase: Any, skip: int,
-        setup_start: float | None,
-    ) -> dict[str, Any]:  # fmt: skip
-        t, cfg, callbacks = self.t, self.t.config, self.callbacks
-        spe, gbs = phase.steps_per_epoch, phase.global_batch_size
-        num_micro = t._micro_batches(gbs)
-        t.model.reset_metrics()
-        t.epoch_notes = {}
-        callbacks.on_epoch_begin(epoch)
-        done, loss_total, logs = skip, 0.0, {}
-        b_simple = float("nan")
-        start = time.perf_counter()
-        while done < spe and not t.model.stop_training:
-            n = min(cfg.steps_per_execution, spe - done)
-            if cfg.checkpoint_every_steps:
-                n = min(n, cfg.checkpoint_every_steps - done % cfg.checkpoint_every_steps)
-            callbacks.on_train_batch_begin(done)
-            loss_sum, metrics, b_simple_t = t.train_step(iterator, n, num_micro)
-            loss_sum = float(loss_sum)  # waits for the steps to finish
-            if not math.isfinite(loss_sum):
-                raise NonFiniteLossError(
-                    f"The training loss is {loss_sum} at epoch {epoch + 1}, steps "
-                    f"{done + 1}-{done + n} of {spe}; stopped without saving (the last good "
-                    f"checkpoint in model_dir={cfg.model_dir!r} is kept)."
-                )
-            if setup_start is not None:  # pipeline rebuild + (re)trace + first steps
-                self.switch_seconds.append(time.perf_counter() - setup_start)
-                setup_start = None
-            done += n
-            loss_total += loss_sum
-            t.state.steps_run.assign_add(n)
-            t.state.step_in_epoch.assign(done)
-            logs = {"loss": loss_total / (done - skip), **{k: float(v) for k, v in metrics.items()}}
-            if t.noise_estimator is not None:
-                b_simple = float(b_simple_t)
-                self.noise_steps.append([t.iterations(), b_simple])
-            callbacks.on_train_batch_end(done - 1, logs)
-            if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 < spe - done:
-                t.state.save(t.iterations())
-        seconds = time.perf_counter() - start
-        self.train_seconds += seconds
-        self.examples += (done - skip) * gbs
-        complete = done == spe
-        logs.update(
-            learning_rate=t.plan.learning_rate_at_step(t.plan.step_at_epoch(epoch)),
-            global_batch_size=gbs,
-            momentum=phase.momentum,
-        )
-        if t.noise_estimator is not None:
-            logs["noise_scale"] = b_simple
-        last = epoch + 1 == t.plan.epochs
-        every = (epoch + 1) % self.validation_freq == 0 and (epoch + 1) % cfg.eval_every_epochs == 0
-        if self.validation is not None and complete and (last or every or t.model.stop_training):
-            val = t.evaluate(self.validation, callbacks=callbacks)
-            logs.update({f"val_{k}": v for k, v in val.items()})
-        if complete:
-            t.state.epoch.assign(epoch + 1)
-            t.state.step_in_epoch.assign(0)
-        callbacks.on_epoch_end(epoch, logs)
-        extra = {
-            "phase": index,
-            "steps": t.iterations(),
-            "examples_per_second": (done - skip) * gbs / max(seconds, 1e-9),
-            **({} if complete else {"partial": True}),
-            **t.epoch_notes,
-        }
-        record = _record(epoch, logs, extra)
-        self.records.append(record)
-        self._summaries(record)
-        t.state.write("history.json", self.records)  # before the checkpoint that needs it
-        t.state.save(t.iterations())
-        return logs
-
-    def _summaries(self, record: dict[str, Any]) -> None:
-        with self.writer.as_default(step=record["steps"]):
-            for key, value in record.items():
-                if key in _BOOKKEEPING[:3] or not isinstance(value, (int, float)):
-                    continue
-                if math.isfinite(value):
-                    tf.summary.scalar(key, value)
-        self.writer.flush()
-
-    def results(self) -> dict[str, Any]:
-        t, records = self.t, [r for r in self.records if not r.get("partial")]
-        plan = t.plan.to_dict()
-        results: dict[str, Any] = {
-            "final_train_loss": records[-1]["train_loss"] if records else float("nan"),
-            "parameter_updates": t.iterations(),
-            # steps a float16 loss scaler skipped on overflow (no update was applied)
-            "skipped_steps": int(t.state.steps_run.numpy()) - t.iterations(),
-            "epochs_completed": int(t.state.epoch.numpy()),
-            "stopped_early": self.stopped_early,
-            "examples_per_second": (
-                self.examples / self.train_seconds if self.train_seconds else 0.0
-            ),
-            "wall_seconds": time.perf_counter() - self.wall_start,
-            "num_replicas": t.num_replicas,
-            "phases": plan["phases"],  # start/end epoch, batch, lr, momentum, steps, ...
-            "plan": plan,
-            "history": self.records,
-            "trace_count": t.trace_count,
-            "phase_switch_seconds": self.switch_seconds,
-        }
-        decisions = [r["adaptive_decision"] for r in self.records if "adaptive_decision" in r]
-        if decisions:
-            results["adaptive_decisions"] = decisions
-        if t.noise_estimator is not None:
-            results["noise_scale_steps"] = self.noise_steps
-        last = self.records[-1] if self.records else {}
-        if "val_loss" in last:
-            results.update({k: v for k, v in last.items() if k.startswith("test_")})
-        elif self.validation is not None:
-            results.update({f"test_{k}": v for k, v in t.evaluate(self.validation).items()})
-        weights = [np.asarray(w, np.float32).tobytes() for w in t.model.get_weights()]
-        results["weights_sha256"] = hashlib.sha256(b"".join(weights)).hexdigest()
-        return results

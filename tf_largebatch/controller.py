@@ -1,0 +1,410 @@
+"""The `Trainer`'s controller: steps through a plan's segments with callbacks and checkpoints.
+
+Like Orbit's `Controller` beside its runners, this owns *when* things happen — phases (a new
+input pipeline at each change of global batch, also inside an epoch), epochs and their Keras
+callbacks, the evaluation cadence, checkpoints, resuming, preemption — and leaves *what* one
+step computes to `steps.TrainStep` / `steps.EvalStep`.
+
+Position: the run is at global step S (``RunState.steps_run``); `PhasePlan.position_at_step`
+says which epoch and which example of that epoch's permutation step S reads, so a run resumes
+at any step, on any number of replicas or workers (the data order does not depend on them).
+
+Preemption: SIGTERM or SIGINT (Ctrl-C) sets a flag; every compiled call carries each worker's
+flag in its cross-replica reduction, so all workers learn of it after the same call, save a
+checkpoint at the same step and raise `Preempted` (the binaries exit with status 143, or 130
+for Ctrl-C). Rerunning the same command resumes from that step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_largebatch import callbacks as callbacks_lib
+from tf_largebatch.fitting import set_momentum
+from tf_largebatch.phases import Phase
+
+_log = logging.getLogger(__name__)
+PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM  # 143
+INTERRUPTED_EXIT_STATUS = 128 + signal.SIGINT  # 130
+_BOOKKEEPING = ("epoch", "phase", "steps", "examples_per_second", "partial", "adaptive_decision")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; nothing was saved after the last good state."""
+
+
+class Preempted(RuntimeError):  # noqa: N818 (a signal, not an error of the caller's)
+    """Training stopped on SIGTERM / SIGINT after saving a checkpoint; rerun to resume.
+
+    Attributes:
+      step: the step the checkpoint was saved at.
+      signum: the signal received (``signal.SIGTERM`` or ``signal.SIGINT``).
+      exit_status: the status a binary should exit with (143 or 130).
+    """
+
+    def __init__(self, message: str, step: int, signum: int) -> None:
+        super().__init__(message)
+        self.step, self.signum = step, signum
+        self.exit_status = 128 + signum
+
+
+def keras_logs(record: dict[str, Any]) -> dict[str, Any]:
+    """The ``model.fit``-style logs kept in a history record (aliases and bookkeeping dropped)."""
+    return {
+        k: v
+        for k, v in record.items()
+        if k not in _BOOKKEEPING and not k.startswith(("train_", "test_"))
+    }
+
+
+def fill_history(history: keras.callbacks.History, records: list[dict[str, Any]]) -> None:
+    """Puts the restored epochs into a `History`, so that it covers the whole run."""
+    history.epoch = [*getattr(history, "epoch", []), *(r["epoch"] for r in records)]
+    for record in records:
+        for key, value in keras_logs(record).items():
+            history.history.setdefault(key, []).append(value)
+
+
+def history_record(epoch: int, logs: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """One ``history.json`` record: the epoch's logs plus ``train_``/``test_`` aliases."""
+    aliases = {}
+    for key, value in logs.items():
+        if key.startswith("val_"):
+            aliases[f"test_{key[4:]}"] = value
+        elif key not in ("learning_rate", "global_batch_size", "momentum", "noise_scale"):
+            aliases[f"train_{key}"] = value
+    return {"epoch": epoch, **extra, **logs, **aliases}
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[dict[str, int]]:
+    """While active, SIGTERM and the first SIGINT set ``flag["signum"]`` instead of stopping.
+
+    A second Ctrl-C raises `KeyboardInterrupt` at once. Outside the main thread (where Python
+    cannot install handlers) nothing is installed.
+    """
+    flag: dict[str, int] = {"signum": 0}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and flag["signum"]:
+            raise KeyboardInterrupt
+        flag["signum"] = flag["signum"] or signum
+        _log.warning(
+            "Received %s: saving a checkpoint after the current steps, then stopping.",
+            signal.Signals(signum).name,
+        )
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class Controller:
+    """One ``Trainer.fit`` run: segments, epochs, callbacks, evaluation, checkpoints.
+
+    Args:
+      trainer: the `Trainer` (model, optimizer, plan, state, steps, strategy, config).
+      source: the training data source (`inputs.as_source`).
+      validation: `inputs.EvalDataset` or None.
+      validation_freq: evaluate every this many epochs (and after the last).
+      callbacks: the run's `keras.callbacks.CallbackList` (a `History` last).
+      records: the restored history (completed epochs).
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        source: Any,
+        validation: Any,
+        validation_freq: int,
+        callbacks: keras.callbacks.CallbackList,
+        records: list[dict[str, Any]],
+    ) -> None:
+        self.t, self.source, self.validation = trainer, source, validation
+        self.validation_freq, self.callbacks, self.records = validation_freq, callbacks, records
+        self.switch_seconds: list[float] = []
+        self.train_seconds, self.examples = 0.0, 0
+        self.noise_steps: list[list[float]] = []
+        self.stopped_early = False
+        self.writer = (
+            tf.summary.create_file_writer(os.path.join(trainer.config.model_dir, "tensorboard"))
+            if trainer.is_chief
+            else tf.summary.create_noop_writer()
+        )
+        self.wall_start = time.perf_counter()
+        self._iterator: Any = None
+        self._built: tuple[int, Phase] | None = None
+        self._signal = {"signum": 0}
+        self._setup_start: float | None = None
+
+    # ---- position ---------------------------------------------------------------------------
+
+    def step(self) -> int:
+        return int(self.t.state.steps_run.numpy())
+
+    def _segment(self, step: int) -> Any:
+        for seg in self.t.plan.segments():
+            if seg.start_step <= step < seg.start_step + seg.num_steps:
+                return seg
+        raise ValueError(f"step {step} is outside the plan ({self.t.plan.total_steps} steps)")
+
+    def _ensure_pipeline(self, step: int) -> tuple[Any, Phase, int]:
+        """The iterator for the phase of `step`, built (from `step`'s position) on a change."""
+        t = self.t
+        seg = self._segment(step)
+        phase = t.plan.phases[seg.phase_index]
+        if self._built != (seg.phase_index, phase):
+            first = self._built is None
+            if not first:
+                callbacks_lib.call_phase_hook(self.callbacks, "on_phase_end", *self._built)
+            self._setup_start = time.perf_counter() if not first else None
+            epoch, offset = t.plan.position_at_step(step)
+            last_epoch = max(s.epoch for s in t.plan.segments() if s.phase_index == seg.phase_index)
+            inner = getattr(t.optimizer, "inner_optimizer", t.optimizer)
+            if set_momentum(inner, phase.momentum):
+                t.train_step.retrace()  # Keras's SGD bakes its momentum into the trace
+            t.state.phase.assign(seg.phase_index)
+            dataset_fn = make_dataset_fn(
+                self.source, phase.global_batch_size, seed=t.config.seed, start_epoch=epoch,
+                end_epoch=last_epoch + 1, example_offset=offset,
+            )  # fmt: skip
+            self._iterator = iter(t.strategy.distribute_datasets_from_function(dataset_fn))
+            self._built = (seg.phase_index, phase)
+            callbacks_lib.call_phase_hook(self.callbacks, "on_phase_begin", *self._built)
+            _log.info(
+                "phase %d from step %d (epoch %d, example %d): global batch %d, "
+                "learning rate %.4g, momentum %g", seg.phase_index, step, epoch + 1, offset,
+                phase.global_batch_size, phase.learning_rate, phase.momentum,
+            )  # fmt: skip
+        return self._iterator, phase, seg.start_step + seg.num_steps
+
+    # ---- the run ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        t, callbacks = self.t, self.callbacks
+        t.model.stop_training = False
+        callbacks.on_train_begin()
+        fill_history(callbacks.callbacks[-1], self.records)  # the resumed epochs too
+        logs: dict[str, Any] = {}
+        with stop_signals() as self._signal:
+            while self.step() < t.plan.total_steps and not t.model.stop_training:
+                logs = self._epoch(int(t.state.epoch.numpy()))
+        if self._built is not None:
+            callbacks_lib.call_phase_hook(callbacks, "on_phase_end", *self._built)
+        self.stopped_early = self.step() < t.plan.total_steps
+        if self.stopped_early:
+            epoch, _ = t.plan.position_at_step(self.step())
+            _log.warning(
+                "Training stopped early by a callback at step %d (epoch %d of %d).",
+                self.step(), epoch + 1, t.plan.epochs,
+            )  # fmt: skip
+        callbacks.on_train_end(logs)
+        t.state.finish()
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        t, cfg, callbacks, plan = self.t, self.t.config, self.callbacks, self.t.plan
+        first_step, end_step = plan.step_at_epoch(epoch), plan.step_at_epoch(epoch + 1)
+        self.callbacks.set_params(
+            {"verbose": int(bool(cfg.verbose) and t.is_chief), "epochs": plan.epochs,
+             "steps": end_step - first_step}
+        )  # fmt: skip
+        t.model.reset_metrics()
+        t.epoch_notes = {}
+        callbacks.on_epoch_begin(epoch)
+        start_step = step = self.step()
+        loss_total, logs, examples = 0.0, {}, 0
+        b_simple = float("nan")
+        start = time.perf_counter()
+        while step < end_step and not t.model.stop_training:
+            iterator, phase, segment_end = self._ensure_pipeline(step)
+            gbs = phase.global_batch_size
+            n = min(cfg.steps_per_execution, segment_end - step)
+            if cfg.checkpoint_every_steps:
+                n = min(n, cfg.checkpoint_every_steps - step % cfg.checkpoint_every_steps)
+            callbacks.on_train_batch_begin(step - first_step)
+            vote = float(bool(self._signal["signum"]))
+            loss_sum, metrics, b_simple_t, votes = t.train_step(
+                iterator, n, t._micro_batches(gbs), vote
+            )
+            loss_sum = float(loss_sum)  # waits for the steps to finish
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLossError(
+                    f"The training loss is {loss_sum} at epoch {epoch + 1}, steps "
+                    f"{step - first_step + 1}-{step - first_step + n} of {end_step - first_step}"
+                    f"; stopped without saving (the last good checkpoint in "
+                    f"model_dir={cfg.model_dir!r} is kept)."
+                )
+            if self._setup_start is not None:  # pipeline rebuild + (re)trace + first steps
+                self.switch_seconds.append(time.perf_counter() - self._setup_start)
+                self._setup_start = None
+            step += n
+            examples += n * gbs
+            loss_total += loss_sum
+            t.state.steps_run.assign(step)
+            t.state.step_in_epoch.assign(step - first_step)
+            logs = {"loss": loss_total / (step - start_step)}
+            logs.update({k: float(v) for k, v in metrics.items()})
+            if t.noise_estimator is not None:
+                b_simple = float(b_simple_t)
+                self.noise_steps.append([t.iterations(), b_simple])
+            callbacks.on_train_batch_end(step - first_step - 1, logs)
+            if float(votes) > 0:  # some worker was told to stop: all stop after this call
+                self._preempt(epoch, logs, start_step, step, examples, start)
+            if (
+                cfg.checkpoint_every_steps
+                and step % cfg.checkpoint_every_steps == 0 < end_step - step
+            ):
+                t.state.save(t.iterations())
+        return self._end_epoch(epoch, logs, start_step, step, examples, start)
+
+    def _end_epoch(
+        self, epoch: int, logs: dict[str, Any], start_step: int, step: int, examples: int,
+        start: float, evaluate: bool = True,
+    ) -> dict[str, Any]:  # fmt: skip
+        t, cfg, plan = self.t, self.t.config, self.t.plan
+        seconds = time.perf_counter() - start
+        self.train_seconds += seconds
+        self.examples += examples
+        first_step = plan.step_at_epoch(epoch)
+        complete = step == plan.step_at_epoch(epoch + 1)
+        logs.update(
+            learning_rate=plan.learning_rate_at_step(first_step),
+            global_batch_size=plan.batch_size_at_step(first_step),
+            momentum=plan.phases[plan.phase_index(epoch)].momentum,
+        )
+        if t.noise_estimator is not None and self.noise_steps:
+            logs["noise_scale"] = self.noise_steps[-1][1]
+        last = epoch + 1 == plan.epochs
+        every = (epoch + 1) % self.validation_freq == 0 and (epoch + 1) % cfg.eval_every_epochs == 0
+        if evaluate and self.validation is not None and complete and (
+            last or every or t.model.stop_training
+        ):  # fmt: skip
+            val = t.evaluate(self.validation, callbacks=self.callbacks)
+            logs.update({f"val_{k}": v for k, v in val.items()})
+        if complete:
+            t.state.epoch.assign(epoch + 1)
+            t.state.step_in_epoch.assign(0)
+        self.callbacks.on_epoch_end(epoch, logs)
+        extra = {
+            "phase": plan.phase_index(epoch),
+            "steps": t.iterations(),
+            "examples_per_second": examples / max(seconds, 1e-9),
+            **({} if complete else {"partial": True}),
+            **t.epoch_notes,
+        }
+        record = history_record(epoch, logs, extra)
+        self.records.append(record)
+        self._summaries(record)
+        t.state.write("history.json", self.records)  # before the checkpoint that needs it
+        t.state.save(t.iterations())
+        return logs
+
+    def _preempt(
+        self, epoch: int, logs: dict[str, Any], start_step: int, step: int, examples: int,
+        start: float,
+    ) -> None:  # fmt: skip
+        """Every worker saves at this same step, then `Preempted` is raised."""
+        self._end_epoch(epoch, logs, start_step, step, examples, start, evaluate=False)
+        signum = self._signal["signum"] or signal.SIGTERM  # a peer's signal: as SIGTERM
+        epoch_now, _ = self.t.plan.position_at_step(step)
+        raise Preempted(
+            f"Stopped by {signal.Signals(signum).name} at step {step} (epoch {epoch_now + 1}); "
+            f"checkpoint saved in model_dir={self.t.config.model_dir!r}. Rerun the same "
+            "command to resume.",
+            step,
+            signum,
+        )
+
+    def _summaries(self, record: dict[str, Any]) -> None:
+        with self.writer.as_default(step=record["steps"]):
+            for key, value in record.items():
+                if key in _BOOKKEEPING[:3] or not isinstance(value, (int, float)):
+                    continue
+                if math.isfinite(value):
+                    tf.summary.scalar(key, value)
+        self.writer.flush()
+
+    def results(self) -> dict[str, Any]:
+        """The run's results (``results.json``)."""
+        import hashlib
+
+        t, records = self.t, [r for r in self.records if not r.get("partial")]
+        plan = t.plan.to_dict()
+        results: dict[str, Any] = {
+            "final_train_loss": records[-1]["train_loss"] if records else float("nan"),
+            "parameter_updates": t.iterations(),
+            # steps a float16 loss scaler skipped on overflow (no update was applied)
+            "skipped_steps": self.step() - t.iterations(),
+            "epochs_completed": int(t.state.epoch.numpy()),
+            "stopped_early": self.stopped_early,
+            "examples_per_second": (
+                self.examples / self.train_seconds if self.train_seconds else 0.0
+            ),
+            "wall_seconds": time.perf_counter() - self.wall_start,
+            "num_replicas": t.num_replicas,
+            "phases": plan["phases"],  # start/end epoch, batch, lr, momentum, steps, ...
+            "plan": plan,
+            "history": self.records,
+            "trace_count": t.trace_count,
+            "phase_switch_seconds": self.switch_seconds,
+        }
+        decisions = [r["adaptive_decision"] for r in self.records if "adaptive_decision" in r]
+        if decisions:
+            results["adaptive_decisions"] = decisions
+        if t.noise_estimator is not None:
+            results["noise_scale_steps"] = self.noise_steps
+        last = self.records[-1] if self.records else {}
+        if "val_loss" in last:
+            results.update({k: v for k, v in last.items() if k.startswith("test_")})
+        elif self.validation is not None:
+            results.update({f"test_{k}": v for k, v in t.evaluate(self.validation).items()})
+        weights = [np.asarray(w, np.float32).tobytes() for w in t.model.get_weights()]
+        results["weights_sha256"] = hashlib.sha256(b"".join(weights)).hexdigest()
+        return results
+
+
+def make_dataset_fn(
+    source: Any, global_batch_size: int, *, seed: int, start_epoch: int, end_epoch: int,
+    example_offset: int,
+) -> Any:  # fmt: skip
+    """``source.make_dataset_fn`` from an example offset (or whole steps, for sources that
+    only skip steps).
+
+    Raises:
+      ValueError: a source that cannot start `example_offset` examples into an epoch.
+    """
+    kwargs = {"seed": seed, "start_epoch": start_epoch, "end_epoch": end_epoch,
+              "static_batch_size": False}  # fmt: skip
+    try:
+        return source.make_dataset_fn(global_batch_size, example_offset=example_offset, **kwargs)
+    except TypeError as error:
+        if "example_offset" not in str(error):
+            raise
+    if example_offset % global_batch_size:
+        raise ValueError(
+            f"Argument `x`: a {type(source).__name__} can only start an epoch at a whole batch; "
+            f"the plan starts a phase of global batch {global_batch_size} at example "
+            f"{example_offset} of epoch {start_epoch} (pass arrays or an unbatched "
+            "tf.data.Dataset for phases inside an epoch)"
+        )
+    return source.make_dataset_fn(
+        global_batch_size, skip_steps=example_offset // global_batch_size, **kwargs
+    )
