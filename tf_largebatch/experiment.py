@@ -13,10 +13,11 @@ from typing import Any
 
 from tf_largebatch._validation import check_choice
 from tf_largebatch.phases import MODES, WARMUPS, PhasePlan, plan_phases
+from tf_largebatch.scaling import suggested_scaling_rule
 
 _log = logging.getLogger(__name__)
-OPTIMIZERS = ("sgd", "lars", "adam")
-EXPERIMENT_MODES = (*MODES, "adaptive")
+OPTIMIZERS = ("sgd", "lars", "adam", "adamw", "lamb")
+EXPERIMENT_MODES = (*MODES, "rampup", "adaptive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,8 @@ class ExperimentConfig:
       dataset: ``digits`` (offline default), a TFDS name, or ``npz:PATH``.
       data_dir: TFDS data directory.
       model: ``auto``, ``mlp``, ``cnn``, ``resnet20``, ``resnet50``.
-      mode: ``decay_lr``, ``grow_batch``, ``hybrid`` or ``adaptive`` (the ``decay_lr`` recipe
+      mode: ``decay_lr``, ``grow_batch``, ``hybrid``, ``rampup`` (Megatron's batch ramp-up
+        over ``rampup_batch_size``, phases inside an epoch) or ``adaptive`` (the ``decay_lr`` recipe
         whose batch grows at epoch ends towards the measured gradient noise scale, up to
         ``max_global_batch_size``, the learning rate following by ``adaptive_learning_rate_rule``).
       epochs: total epochs.
@@ -37,10 +39,13 @@ class ExperimentConfig:
       base_batch_size: reference batch of ``base_learning_rate``.
       global_batch_size: initial global batch (all replicas).
       max_global_batch_size: cap for ``hybrid`` and ``adaptive``.
-      scaling_rule: ``linear``, ``sqrt`` or ``none``.
+      scaling_rule: ``linear``, ``sqrt``, ``none`` or ``auto`` (``sqrt`` for Adam, AdamW and
+        LAMB, ``linear`` for SGD and LARS: `scaling.suggested_scaling_rule`).
+      rampup_batch_size: ``(start, increment, ramp_samples)`` for ``mode=rampup``.
       warmup: ``gradual``, ``constant`` or ``none``.
       warmup_epochs: warmup length in epochs.
-      optimizer: ``sgd`` (with momentum correction), ``lars`` or ``adam``.
+      optimizer: ``sgd`` (with momentum correction), ``lars``, ``adam``, ``adamw`` (decoupled
+        ``weight_decay``) or ``lamb`` (Keras's, with ``weight_decay``).
       momentum: momentum coefficient.
       momentum_correction: Goyal's momentum correction in SGD.
       weight_decay: L2 weight decay on kernels (added to the loss, not rescaled).
@@ -62,6 +67,9 @@ class ExperimentConfig:
       save_model: write ``model_dir/model.keras`` at the end.
       eval_every_epochs: evaluate on the test split every this many epochs (and the last).
       verbose: progress bar on (1) or off (0).
+      measure_sharpness: measure the final model's sharpness on the training set
+        (`sharpness.sharpness`) into ``results["sharpness"]``.
+      sharpness_max_examples: examples the sharpness measurement uses (None: all).
     """
 
     dataset: str = "digits"
@@ -99,6 +107,9 @@ class ExperimentConfig:
     save_model: bool = True
     eval_every_epochs: int = 1
     verbose: int = 1
+    rampup_batch_size: Sequence[int] | None = None
+    measure_sharpness: bool = False
+    sharpness_max_examples: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, EXPERIMENT_MODES)
@@ -106,6 +117,15 @@ class ExperimentConfig:
             raise ValueError("Argument `max_global_batch_size` is required for mode='adaptive'.")
         check_choice("warmup", self.warmup, WARMUPS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.mode == "rampup" and self.rampup_batch_size is None:
+            raise ValueError("Argument `rampup_batch_size` is required for mode='rampup'.")
+
+    @property
+    def resolved_scaling_rule(self) -> str:
+        """``scaling_rule``, with ``auto`` resolved for the optimizer."""
+        if self.scaling_rule == "auto":
+            return suggested_scaling_rule(self.optimizer)
+        return self.scaling_rule
 
 
 def make_plan(config: ExperimentConfig, dataset_size: int) -> PhasePlan:
@@ -123,8 +143,13 @@ def make_plan(config: ExperimentConfig, dataset_size: int) -> PhasePlan:
         warmup_epochs=config.warmup_epochs,
         warmup=config.warmup,
         momentum=config.momentum,
-        scaling_rule=config.scaling_rule,
+        scaling_rule=config.resolved_scaling_rule,
         scaled_momentum=config.scaled_momentum,
+        **(
+            {"rampup_batch_size": tuple(config.rampup_batch_size)}
+            if config.mode == "rampup"
+            else {}
+        ),
     )
     return dataclasses.replace(plan, mode="adaptive") if config.mode == "adaptive" else plan
 
@@ -145,6 +170,10 @@ def _optimizer_fn(config: ExperimentConfig, plan: PhasePlan) -> Any:
             return optimizers.LARS(
                 learning_rate, momentum=momentum, weight_decay=config.weight_decay
             )
+        if config.optimizer == "adamw":
+            return keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
+        if config.optimizer == "lamb":
+            return optimizers.Lamb(learning_rate, weight_decay=config.weight_decay or None)
         return keras.optimizers.Adam(learning_rate)
 
     return make
@@ -178,8 +207,9 @@ def run_experiment(config: ExperimentConfig, *, on_plan: Any = None) -> dict[str
     if on_plan is not None:
         on_plan(plan, strategy)
     model_name = models.resolve_model_name(config.model, arrays.input_shape)
-    # Goyal Remark 1: weight decay is an L2 term in the loss; LARS applies it in its update.
-    l2 = config.weight_decay if config.optimizer != "lars" else 0.0
+    # Goyal Remark 1: weight decay is an L2 term in the loss (SGD, Adam); LARS, AdamW and LAMB
+    # apply it in their update (decoupled).
+    l2 = config.weight_decay if config.optimizer in ("sgd", "adam") else 0.0
 
     def model_fn() -> Any:
         return models.build_model(
@@ -213,5 +243,12 @@ def run_experiment(config: ExperimentConfig, *, on_plan: Any = None) -> dict[str
     trainer.fit(arrays.x_train, arrays.y_train, validation_data=(arrays.x_test, arrays.y_test))
     results = trainer.results
     results.update(dataset=arrays.name, model=model_name, config=dataclasses.asdict(config))
+    if config.measure_sharpness:  # every worker takes part (it is distributed)
+        from tf_largebatch.sharpness import sharpness
+
+        results["sharpness"] = sharpness(
+            trainer.model, arrays.x_train, arrays.y_train, strategy=strategy,
+            seed=config.seed, max_examples=config.sharpness_max_examples,
+        )  # fmt: skip
     trainer.state.write("results.json", results)
     return results

@@ -1,0 +1,142 @@
+"""The controller: phases inside an epoch (ramp-up), resume at any step, elasticity, signals."""
+
+import os
+import signal
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_largebatch import plan_phases
+from tf_largebatch.controller import Preempted, make_dataset_fn
+from tf_largebatch.inputs import ArraysSource, DatasetSource
+from tf_largebatch.training import Trainer, TrainerConfig
+
+N = 1000
+
+
+def rampup_plan(epochs=2):
+    return plan_phases(
+        "rampup", dataset_size=N, epochs=epochs, global_batch_size=64, base_learning_rate=0.05,
+        base_batch_size=16, rampup_batch_size=(16, 16, 600), warmup="none", decay_epochs=(),
+    )  # fmt: skip
+
+
+def megatron_batch(consumed, start=16, increment=16, ramp=600, target=64):
+    increments = (target - start) // increment
+    return min(target, start + increment * (consumed // (ramp / increments)))
+
+
+@pytest.mark.parametrize("kind", ["arrays", "dataset"])
+def test_rampup_pipelines_read_megatron_batches_without_repeats(kind):
+    plan = rampup_plan()
+    x = np.arange(N, dtype=np.int64)
+    source = ArraysSource(x, x) if kind == "arrays" else DatasetSource(
+        tf.data.Dataset.from_tensor_slices((x, x))
+    )  # fmt: skip
+    seen = {0: [], 1: []}
+    consumed, step = 0, 0
+    for seg in plan.segments():
+        batch = plan.phases[seg.phase_index].global_batch_size
+        fn = make_dataset_fn(source, batch, seed=3, start_epoch=seg.epoch, end_epoch=seg.epoch + 1,
+                             example_offset=seg.example_offset)  # fmt: skip
+        for xb, _ in fn(tf.distribute.InputContext()).take(seg.num_steps):
+            if seg.epoch == 0:  # Megatron's calculator: batch from the samples consumed so far
+                assert len(xb) == megatron_batch(consumed) == plan.batch_size_at_step(step)
+                consumed += len(xb)
+            seen[seg.epoch] += list(xb.numpy())
+            step += 1
+    assert step == plan.total_steps
+    for epoch in (0, 1):
+        assert len(set(seen[epoch])) == len(seen[epoch])  # no example twice in an epoch
+        assert N - len(seen[epoch]) < 64  # only the last partial batch is dropped
+
+
+def mlp():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3)])  # fmt: skip
+    model.compile(
+        optimizer=keras.optimizers.SGD(momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, 8)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0.5).astype("int32")
+    return x, y
+
+
+def strategy(replicas):
+    if replicas == 1:
+        return tf.distribute.OneDeviceStrategy("/cpu:0")
+    devices = [f"/cpu:{i}" for i in range(replicas)]
+    return tf.distribute.MirroredStrategy(devices, tf.distribute.ReductionToOneDevice())
+
+
+def trainer(tmp_path, name, replicas=1, **config):
+    config = {"verbose": 0, "save_model": False, "steps_per_execution": 1, **config}
+    return Trainer(mlp, rampup_plan(), TrainerConfig(model_dir=str(tmp_path / name), **config),
+                   strategy=strategy(replicas))  # fmt: skip
+
+
+class StopAt(keras.callbacks.Callback):
+    def __init__(self, step, action="stop"):
+        super().__init__()
+        self.step, self.action, self.count = step, action, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.count += 1
+        if self.count == self.step:
+            if self.action == "stop":
+                self.model.stop_training = True
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    run = trainer(tmp_path_factory.mktemp("whole"), "whole")
+    run.fit(*data)
+    return run
+
+
+def test_rampup_run_follows_the_plan(uninterrupted):
+    plan = rampup_plan()
+    results = uninterrupted.results
+    assert results["parameter_updates"] == plan.total_steps
+    assert results["trace_count"] == 1
+    assert len(results["phase_switch_seconds"]) == len(plan.phases) - 1
+    assert [h["global_batch_size"] for h in results["history"]] == [16, 64]
+
+
+@pytest.mark.parametrize(("replicas_before", "replicas_after"), [(1, 1), (1, 2), (2, 1)])
+def test_resume_inside_the_ramp_on_any_replica_count(
+    data, tmp_path, uninterrupted, replicas_before, replicas_after
+):
+    first = trainer(tmp_path, "run", replicas_before)
+    first.fit(*data, callbacks=[StopAt(23)])  # inside the ramp, mid-phase, mid-epoch
+    assert first.results["parameter_updates"] == 23
+    second = trainer(tmp_path, "run", replicas_after)
+    second.fit(*data)
+    assert second.results["parameter_updates"] == uninterrupted.results["parameter_updates"]
+    for a, b in zip(uninterrupted.model.get_weights(), second.model.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_saves_at_the_step_reached_and_resumes(data, tmp_path, uninterrupted):
+    run = trainer(tmp_path, "term")
+    with pytest.raises(Preempted, match="SIGTERM at step 31") as info:
+        run.fit(*data, callbacks=[StopAt(30, action="sigterm")])  # one more call, then stop
+    assert info.value.exit_status == 143 and info.value.step == 31
+    assert tf.train.latest_checkpoint(str(tmp_path / "term" / "ckpt")).endswith("-31")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    again = trainer(tmp_path, "term")
+    again.fit(*data)
+    for a, b in zip(uninterrupted.model.get_weights(), again.model.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
