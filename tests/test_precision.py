@@ -123,3 +123,32 @@ def test_mixed_float16_overflow_skips_do_not_block_a_rerun(digits, tmp_path):
     skipped = results["skipped_steps"]
     assert skipped > 0 and results["parameter_updates"] + skipped == results["plan"]["total_steps"]
     assert rerun["parameter_updates"] == results["parameter_updates"]
+
+
+def test_float16_overflow_steps_leave_noise_scale_finite_and_adaptive_grows(digits, tmp_path):
+    """A loss scale of 2^40 overflows float16 gradients for the first ~25 steps: the loss
+    scaler skips them, the noise-scale estimator ignores them, and the batch still grows."""
+    plan = plan_phases(
+        "decay_lr", digits.num_train_examples, 6, 32, 0.1, base_batch_size=32,
+        decay_epochs=(3,), decay_factor=0.5, warmup="none",
+    )  # fmt: skip
+
+    def optimizer_fn(lr):
+        from tf_largebatch.optimizers import SGD
+
+        return keras.optimizers.LossScaleOptimizer(SGD(lr, momentum=0.9), initial_scale=2.0**40)
+
+    trainer = Trainer(
+        mlp(digits), plan,
+        TrainerConfig(model_dir=str(tmp_path), verbose=0, save_model=False,
+                      mixed_precision="mixed_float16", noise_scale_beta=0.95,
+                      adaptive_max_global_batch_size=256, steps_per_execution=4),
+        optimizer_fn=optimizer_fn, strategy=tf.distribute.OneDeviceStrategy("/cpu:0"),
+    )  # fmt: skip
+    trainer.fit(digits.x_train, digits.y_train)
+    results = trainer.results
+    assert results["skipped_steps"] >= 20  # overflowed steps, no update applied
+    assert int(trainer.noise_estimator.skipped.numpy()) >= 20
+    assert all(np.isfinite(h["noise_scale"]) for h in results["history"][1:])
+    assert results["adaptive_decisions"]  # the batch grew
+    assert max(h["global_batch_size"] for h in results["history"]) > 32

@@ -201,6 +201,9 @@ class TrainStep:
             grads = reduced
         else:
             big_sq = squared_norm(grads)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)  # grads are scaled
+            small_sq, big_sq = small_sq / scale**2, big_sq / scale**2
         g2, trace = gradient_noise_components(
             small_sq, big_sq, global_batch_size / parts, global_batch_size
         )
