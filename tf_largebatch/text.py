@@ -33,7 +33,7 @@ import itertools
 import math
 import os
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -41,7 +41,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tf_largebatch._validation import _fail, check_positive_int
+from tf_largebatch._validation import _fail, check_choice, check_positive_int
+from tf_largebatch.phases import PhasePlan, plan_phases, steps_per_epoch
+from tf_largebatch.scaling import scale_learning_rate, suggested_scaling_rule
 
 VOCAB_SIZE = 256  # bytes
 DEFAULT_MAX_BYTES = 1_000_000
@@ -387,3 +389,248 @@ def build_text_model(
     h = keras.layers.LayerNormalization(epsilon=1e-5, name="final_ln")(h)
     logits = dense(vocab_size, name="logits")(h)
     return keras.Model(tokens, logits, name="text_transformer")
+
+
+# ---- one run: config → data → plan → strategy → Trainer → results ---------------------------
+
+TEXT_OPTIMIZERS = ("adamw", "lamb")
+TEXT_SCHEDULES = ("inverse_sqrt", "wsd", "goyal")
+TEXT_MODES = ("decay_lr", "grow_batch", "rampup", "adaptive")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextExperimentConfig:
+    """One language-model run; field names are the `examples/train_text.py` flag names.
+
+    Attributes:
+      text_files: glob of text files; None: the standard library's source (`load_text`).
+      max_bytes: bytes of text read (training + validation).
+      sequence_length: context T of the model, in bytes.
+      d_model: Transformer width.
+      num_heads: attention heads.
+      num_layers: Transformer blocks.
+      optimizer: ``adamw`` or ``lamb``.
+      weight_decay: decoupled weight decay (not on biases and LayerNorm parameters).
+      schedule: ``inverse_sqrt`` (warmup, then peak·√(W/step)), ``wsd`` (warmup, stable,
+        then a linear decay over the last ``wsd_decay_fraction`` of the steps) or ``goyal``
+        (the plan's own gradual warmup and per-phase learning rates). The peak of the first
+        two is the learning rate scaled to ``global_batch_size``; the plan then sets only the
+        batch sizes.
+      wsd_decay_fraction: share of all steps in the decay of ``schedule="wsd"``.
+      mode: ``decay_lr``, ``grow_batch``, ``rampup`` or ``adaptive`` (see `plan_phases` and
+        `TrainerConfig.adaptive_max_global_batch_size`).
+      epochs: passes over the training windows.
+      decay_epochs: epochs where the recipe decays (``decay_lr``, ``adaptive``) or grows the
+        batch (``grow_batch``); None: ``(epochs // 2,)`` for those modes (none if epochs is 1)
+        and none for ``rampup``.
+      decay_factor: learning-rate multiplier per decay epoch (the batch grows by its inverse).
+      global_batch_size: initial global batch in windows (the target batch for ``rampup``).
+      base_learning_rate: learning rate per ``base_batch_size`` windows.
+      base_batch_size: the reference batch of ``base_learning_rate``.
+      scaling_rule: ``linear``, ``sqrt`` or ``none``; None: `suggested_scaling_rule` of the
+        optimizer (``sqrt``).
+      warmup_steps: warmup length in steps; None: from ``warmup_epochs``.
+      warmup_epochs: warmup length in epochs of the first phase's batch.
+      rampup_batch_size: ``(start, increment, ramp_samples)`` for ``mode="rampup"``.
+      max_global_batch_size: the batch cap of ``mode="adaptive"``.
+      strategy: ``auto``, ``one_device``, ``mirrored`` or ``multi_worker``.
+      num_cpu_devices: split the CPU into this many logical devices (None: as is).
+      max_per_replica_batch_size: gradient accumulation beyond this per-replica batch.
+      steps_per_execution: training steps per compiled call.
+      model_dir: checkpoints, TensorBoard logs, ``results.json``, ``model.keras``.
+      seed: initialisation and shuffling seed.
+      verbose: 1: a progress bar per epoch; 0: quiet.
+    """
+
+    text_files: str | None = None
+    max_bytes: int = 600_000
+    sequence_length: int = 64
+    d_model: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    schedule: str = "inverse_sqrt"
+    wsd_decay_fraction: float = 0.2
+    mode: str = "grow_batch"
+    epochs: int = 2
+    decay_epochs: tuple[int, ...] | None = None
+    decay_factor: float = 0.5
+    global_batch_size: int = 32
+    base_learning_rate: float = 3e-3
+    base_batch_size: int = 32
+    scaling_rule: str | None = None
+    warmup_steps: int | None = None
+    warmup_epochs: float = 0.25
+    rampup_batch_size: tuple[int, int, int] | None = None
+    max_global_batch_size: int | None = None
+    strategy: str = "auto"
+    num_cpu_devices: int | None = None
+    max_per_replica_batch_size: int | None = None
+    steps_per_execution: int = 8
+    model_dir: str = "/tmp/tf_largebatch_text"
+    seed: int = 0
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer", self.optimizer, TEXT_OPTIMIZERS)
+        check_choice("schedule", self.schedule, TEXT_SCHEDULES)
+        check_choice("mode", self.mode, TEXT_MODES)
+        check_sequence_length(self.sequence_length)
+        if self.scaling_rule is not None:
+            check_choice("scaling_rule", self.scaling_rule, ("linear", "sqrt", "none"))
+        if self.warmup_steps is not None:
+            check_positive_int("warmup_steps", self.warmup_steps)
+        if not 0 < self.wsd_decay_fraction < 1:
+            _fail("wsd_decay_fraction", "in (0, 1)", self.wsd_decay_fraction)
+        if self.mode == "adaptive" and self.max_global_batch_size is None:
+            raise ValueError("Argument `max_global_batch_size` is required for mode='adaptive'.")
+
+    @property
+    def resolved_scaling_rule(self) -> str:
+        return self.scaling_rule or suggested_scaling_rule(self.optimizer)
+
+
+def text_plan(config: TextExperimentConfig, dataset_size: int) -> PhasePlan:
+    """The `PhasePlan` of a config for `dataset_size` training windows."""
+    decay_epochs = config.decay_epochs
+    if decay_epochs is None:
+        decay_epochs = (
+            (config.epochs // 2,) if config.mode != "rampup" and config.epochs > 1 else ()
+        )
+    warmup_epochs = config.warmup_epochs
+    if config.warmup_steps is not None:
+        first_batch = (config.rampup_batch_size or (config.global_batch_size,))[0]
+        warmup_epochs = config.warmup_steps / steps_per_epoch(dataset_size, first_batch)
+    plan = plan_phases(
+        "decay_lr" if config.mode == "adaptive" else config.mode,
+        dataset_size=dataset_size,
+        epochs=config.epochs,
+        global_batch_size=config.global_batch_size,
+        base_learning_rate=config.base_learning_rate,
+        base_batch_size=config.base_batch_size,
+        decay_epochs=tuple(decay_epochs),
+        decay_factor=config.decay_factor,
+        warmup="gradual" if config.schedule == "goyal" else "none",
+        warmup_epochs=warmup_epochs if config.schedule == "goyal" else 0,
+        momentum=0.0,
+        scaling_rule=config.resolved_scaling_rule,
+        rampup_batch_size=config.rampup_batch_size,
+    )
+    return dataclasses.replace(plan, mode="adaptive") if config.mode == "adaptive" else plan
+
+
+def text_learning_rate_fn(config: TextExperimentConfig, dataset_size: int) -> Any:
+    """``learning_rate_fn(plan)`` for the `Trainer`: the config's schedule for a plan."""
+    from tf_largebatch import schedules
+
+    peak = scale_learning_rate(
+        config.base_learning_rate,
+        config.global_batch_size,
+        config.base_batch_size,
+        config.resolved_scaling_rule,
+    )
+    if config.warmup_steps is not None:
+        warmup = config.warmup_steps
+    else:
+        first_batch = (config.rampup_batch_size or (config.global_batch_size,))[0]
+        warmup = max(1, round(config.warmup_epochs * dataset_size / first_batch))
+
+    def learning_rate_fn(plan: PhasePlan) -> Any:
+        if config.schedule == "goyal":
+            return plan.learning_rate_schedule()
+        if config.schedule == "inverse_sqrt":
+            return schedules.InverseSqrtDecay(peak, warmup)
+        decay = max(1, round(config.wsd_decay_fraction * plan.total_steps))
+        stable = max(0, plan.total_steps - warmup - decay)
+        return schedules.WarmupStableDecay(peak, warmup, stable, decay)
+
+    return learning_rate_fn
+
+
+def run_text_experiment(
+    config: TextExperimentConfig, *, on_plan: Callable[[PhasePlan, Any], None] | None = None
+) -> dict[str, Any]:
+    """Trains a byte-level Transformer language model through the `Trainer`.
+
+    The strategy is made first (MultiWorkerMirroredStrategy must precede other TensorFlow
+    work), then the text is read (`load_text`), windowed (`text_datasets`), planned
+    (`text_plan`) and trained; the validation windows are evaluated after every epoch.
+
+    Args:
+      config: the run.
+      on_plan: optional ``on_plan(plan, strategy)`` once the plan is made.
+
+    Returns:
+      The `Trainer`'s results plus ``validation_loss`` (nats per byte),
+      ``validation_bits_per_byte``, ``unigram_bits_per_byte`` (of the training text),
+      ``train_bytes``, ``validation_bytes``, ``text_files`` and ``config``; also written to
+      ``model_dir/results.json`` (with ``model.keras`` and ``tensorboard/``).
+
+    Raises:
+      ValueError: any bad input, naming the argument (flag) and the value.
+    """
+    from tf_largebatch import distribute, training
+
+    if config.num_cpu_devices is not None:
+        distribute.configure_cpu_devices(config.num_cpu_devices)
+    strategy = distribute.make_strategy(config.strategy)
+    corpus = load_text(config.text_files, max_bytes=config.max_bytes)
+    data = text_datasets(corpus, config.sequence_length)
+    plan = text_plan(config, data.num_train_examples)
+    if on_plan is not None:
+        on_plan(plan, strategy)
+    learning_rate_fn = text_learning_rate_fn(config, data.num_train_examples)
+
+    def model_fn() -> keras.Model:
+        model = build_text_model(
+            config.sequence_length,
+            d_model=config.d_model,
+            num_heads=config.num_heads,
+            num_layers=config.num_layers,
+            seed=config.seed,
+        )
+        optimizer_class = {"adamw": keras.optimizers.AdamW, "lamb": keras.optimizers.Lamb}
+        optimizer = optimizer_class[config.optimizer](
+            learning_rate=learning_rate_fn(plan), weight_decay=config.weight_decay
+        )
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        return model
+
+    trainer = training.Trainer(
+        model_fn,
+        plan,
+        training.TrainerConfig(
+            model_dir=config.model_dir,
+            seed=config.seed,
+            max_per_replica_batch_size=config.max_per_replica_batch_size,
+            steps_per_execution=config.steps_per_execution,
+            verbose=config.verbose,
+            adaptive_max_global_batch_size=(
+                config.max_global_batch_size if config.mode == "adaptive" else None
+            ),
+            adaptive_learning_rate_rule={"none": "keep"}.get(
+                config.resolved_scaling_rule, config.resolved_scaling_rule
+            ),
+        ),
+        strategy=strategy,
+        learning_rate_fn=learning_rate_fn,
+    )
+    trainer.fit(data.train, validation_data=data.validation)
+    results = dict(trainer.results)
+    results.update(
+        validation_loss=results["test_loss"],
+        validation_bits_per_byte=bits_per_byte(results["test_loss"]),
+        unigram_bits_per_byte=unigram_bits_per_byte(corpus.train_bytes),
+        train_bytes=len(corpus.train_bytes),
+        validation_bytes=len(corpus.validation_bytes),
+        text_files=config.text_files or "stdlib",
+        config=dataclasses.asdict(config),
+    )
+    trainer.state.write("results.json", results)
+    return results
