@@ -17,6 +17,7 @@ for Ctrl-C). Rerunning the same command resumes from that step.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import math
@@ -154,6 +155,7 @@ class Controller:
         self._built: tuple[int, Phase] | None = None
         self._signal = {"signum": 0}
         self._setup_start: float | None = None
+        self._segments_of: Any = None
 
     # ---- position ---------------------------------------------------------------------------
 
@@ -161,10 +163,16 @@ class Controller:
         return int(self.t.state.steps_run.numpy())
 
     def _segment(self, step: int) -> Any:
-        for seg in self.t.plan.segments():
-            if seg.start_step <= step < seg.start_step + seg.num_steps:
-                return seg
-        raise ValueError(f"step {step} is outside the plan ({self.t.plan.total_steps} steps)")
+        """The plan's segment holding `step` (a bisection over the cached segment starts)."""
+        plan = self.t.plan
+        if self._segments_of is not plan:
+            self._segments = plan.segments()
+            self._starts = [seg.start_step for seg in self._segments]
+            self._segments_of = plan
+        seg = self._segments[bisect.bisect_right(self._starts, step) - 1]
+        if not seg.start_step <= step < seg.start_step + seg.num_steps:
+            raise ValueError(f"step {step} is outside the plan ({plan.total_steps} steps)")
+        return seg
 
     def _ensure_pipeline(self, step: int) -> tuple[Any, Phase, int]:
         """The iterator for the phase of `step`, built (from `step`'s position) on a change."""
