@@ -70,6 +70,8 @@ def time_train_step(
     dataset: str = "digits",
     strategy: str = "one_device",
     num_cpu_devices: int | None = None,
+    intra_op_threads: int | None = 1,
+    inter_op_threads: int | None = None,
     steps_per_call: int = 10,
     repeats: int = 30,
     learning_rate: float = 0.01,
@@ -89,6 +91,11 @@ def time_train_step(
       dataset: a `tf_largebatch.data.load_data` name.
       strategy: ``"one_device"``, ``"mirrored"`` or ``"multi_worker"``.
       num_cpu_devices: split the CPU into this many logical devices first (None: as is).
+      intra_op_threads: TensorFlow's threads inside one op (None: TensorFlow's default). 1 by
+        default: the small ops of a small model gain nothing from splitting, and every
+        configuration then uses the same threads, so on a machine shared with other jobs a
+        configuration with more replicas does not win more CPU time just by having more threads.
+      inter_op_threads: ops run concurrently, e.g. the replicas' (None: ``os.cpu_count()``).
       steps_per_call: steps per compiled call.
       repeats: timed calls per batch size.
       learning_rate: SGD learning rate (the value does not change the timing).
@@ -106,13 +113,17 @@ def time_train_step(
         check_positive_int("per_replica_batch_sizes", b)
     check_positive_int("steps_per_call", steps_per_call)
     check_positive_int("repeats", repeats)
+    import tensorflow as tf
+
     from tf_largebatch import distribute
 
+    if intra_op_threads is not None:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads or os.cpu_count() or 1)
     if num_cpu_devices is not None:
         distribute.configure_cpu_devices(num_cpu_devices)
     strat = distribute.make_strategy(strategy)  # before any other TensorFlow op
     import keras
-    import tensorflow as tf
 
     net, x, y, arrays = _load(model, dataset, seed, strat)
     replicas = strat.num_replicas_in_sync
