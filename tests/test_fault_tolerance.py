@@ -41,9 +41,13 @@ STOP_SECONDS = 30  # bound on kill → launcher exit (grace 5 s + TensorFlow's ~
 pytestmark = pytest.mark.slow
 
 
-def command(model_dir: Path) -> list[str]:
+PREEMPT_GRACE_SECONDS = 60  # SIGTERM → checkpoint → exit must fit in it
+
+
+def command(model_dir: Path, grace_seconds: float = 5) -> list[str]:
     launcher = [sys.executable, "-m", "tf_largebatch.launch", "--num_workers=2"]
-    return [*launcher, "--grace_seconds=5", "--", TRAIN, f"--model_dir={model_dir}", *ARGS]
+    grace = f"--grace_seconds={grace_seconds}"
+    return [*launcher, grace, "--", TRAIN, f"--model_dir={model_dir}", *ARGS]
 
 
 def run(model_dir: Path) -> dict:
@@ -137,3 +141,50 @@ def test_killed_worker_stops_the_job_and_the_rerun_resumes(tmp_path, uninterrupt
     assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
     assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
     assert not list(model_dir.glob(".tmp_*"))  # the non-chief's temporary checkpoints are gone
+
+
+@pytest.mark.parametrize("target", ["launcher", "worker1"])
+def test_sigterm_saves_at_the_step_reached_and_the_rerun_loses_nothing(
+    tmp_path, uninterrupted, target
+):
+    """Preemption: SIGTERM to the launcher (forwarded to both workers) or to one worker (its
+    peer is stopped with SIGTERM by the launcher): every worker checkpoints and exits 143."""
+    model_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        command(model_dir, grace_seconds=PREEMPT_GRACE_SECONDS),
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while latest_checkpoint_step(model_dir) <= SECOND_PHASE_SECOND_EPOCH:
+            assert launcher.poll() is None, "the job ended before the signal"
+            assert time.monotonic() < deadline, "no checkpoint inside the second phase"
+            time.sleep(0.05)
+        pids = workers(launcher.pid)
+        assert sorted(pids) == [0, 1]
+        os.kill(launcher.pid if target == "launcher" else pids[1], signal.SIGTERM)
+        signalled_at = time.monotonic()
+        out, _ = launcher.communicate(timeout=PREEMPT_GRACE_SECONDS + 30)
+        stopped_after = time.monotonic() - signalled_at
+    finally:
+        if launcher.poll() is None:  # only on failure: do not leave the job running
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 128 + signal.SIGTERM, out[-4000:]
+    assert stopped_after < PREEMPT_GRACE_SECONDS  # nobody needed SIGKILL
+    assert "SIGKILL" not in out
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in pids.values())
+    assert not (model_dir / "results.json").exists()
+    saved_step = latest_checkpoint_step(model_dir)
+    assert SECOND_PHASE_SECOND_EPOCH < saved_step < uninterrupted["parameter_updates"]
+
+    resumed = run(model_dir)  # the same command again
+    assert resumed["parameter_updates"] == uninterrupted["parameter_updates"] == 310
+    assert [h["epoch"] for h in resumed["history"]] == list(range(6))
+    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
