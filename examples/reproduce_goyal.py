@@ -2,7 +2,9 @@ r"""Goyal et al. 2017 at small scale: the Linear Scaling Rule and warmup, batch 
 
   python examples/reproduce_goyal.py                      # digits, n = 16, k = 1..16, 5 seeds
   python examples/reproduce_goyal.py --quick              # CI size: 4 epochs, k = 1, 4, 1 seed
-  python examples/reproduce_goyal.py --dataset=mnist --model=cnn --global_batch_size=32
+  python examples/reproduce_goyal.py --dataset=mnist1d:20000 --model=cnn1d --global_batch_size=32 \
+      --base_learning_rate=0.05 --epochs=8 --decay_epochs=5,7 --warmup_epochs=1 --ks=1,8,32 \
+      --seeds=3 --measure_noise_scale --measure_sharpness   # MNIST-1D (docs/RESULTS.md)
 
 Trains the small-batch reference n (learning rate η) and, for every k in --ks, batch kn with
 (a) linear scaling η → kη + gradual warmup, (b) linear scaling without warmup, (c) linear
@@ -10,7 +12,10 @@ scaling + constant warmup (η, then kη), (d) no scaling (η), for --seeds seeds
 this process. Writes to --output_dir: goyal_table.md (final test error mean ± std per k and
 variant, like Goyal's Table 1 / Figure 3), goyal_training_loss.png (training loss against
 epochs for every kn over the small-batch curve, Figures 2 and 4), goyal_error_vs_batch.png
-(Figure 3), and the raw numbers as goyal_results.json and goyal_{runs,history,summary}.csv.
+(Figure 3), goyal_metrics.md (test error, updates, the gradient noise scale B_simple after the
+first epoch and the final models' sharpness, where measured), and the raw numbers as
+goyal_results.json and goyal_{runs,history,summary}.csv. Variants with SGD's momentum correction
+off (``gradual_warmup_uncorrected``, ``no_warmup_uncorrected``) can be added to --variants.
 """
 
 import contextlib
@@ -22,20 +27,26 @@ import time
 from absl import app, flags, logging
 
 from tf_largebatch.experiment import ExperimentConfig
+from tf_largebatch.models import MODEL_NAMES
 from tf_largebatch.reproduce import (
+    ALL_GOYAL_VARIANTS,
     GOYAL_VARIANTS,
     REFERENCE,
     goyal_runs,
     goyal_table,
     mean_curve,
+    metrics_table,
     run_study,
     summarize,
     write_study,
 )
 
-flags.DEFINE_string("dataset", "digits", "digits (offline), a TFDS name, or npz:PATH.")
+flags.DEFINE_string(
+    "dataset", "digits", "digits, mnist1d, mnist1d:N (offline), a TFDS name, or npz:PATH."
+)
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-flags.DEFINE_enum("model", "mlp", ["auto", "mlp", "cnn", "resnet20", "resnet50"], "Model.")
+flags.DEFINE_enum("model", "mlp", list(MODEL_NAMES), "Model (cnn1d: MNIST-1D's CNN).")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "lars", "adam", "adamw", "lamb"], "Optimizer.")
 flags.DEFINE_integer("global_batch_size", 16, "The reference small batch n.")
 flags.DEFINE_float("base_learning_rate", 0.1, "η: the learning rate of the reference batch n.")
 flags.DEFINE_list("ks", ["1", "2", "4", "8", "16"], "Batch multiples k (kn); 1 = reference.")
@@ -45,9 +56,13 @@ flags.DEFINE_integer("epochs", 20, "Total epochs.")
 flags.DEFINE_list("decay_epochs", ["10", "15"], "Learning rate × decay_factor at these epochs.")
 flags.DEFINE_float("decay_factor", 0.1, "Learning-rate multiplier at each decay epoch.")
 flags.DEFINE_float("warmup_epochs", 2, "Warmup length (gradual and constant warmup).")
-flags.DEFINE_float("momentum", 0.9, "Momentum (with Goyal's momentum correction).")
+flags.DEFINE_float("momentum", 0.9, "Momentum.")
+flags.DEFINE_bool("momentum_correction", True, "Goyal's momentum correction (SGD) in every run.")
 flags.DEFINE_float("weight_decay", 0.0, "L2 weight decay on kernels.")
 flags.DEFINE_integer("steps_per_execution", 16, "Training steps per compiled call.")
+flags.DEFINE_bool("measure_noise_scale", False, "Measure B_simple (McCandlish) in every run.")
+flags.DEFINE_bool("measure_sharpness", False, "Measure the final models' sharpness.")
+flags.DEFINE_integer("sharpness_max_examples", 2000, "Training examples the sharpness uses.")
 flags.DEFINE_enum("strategy", "one_device", ["one_device", "mirrored"], "tf.distribute strategy.")
 flags.DEFINE_integer("num_cpu_devices", None, "Split the CPU into N logical devices.")
 flags.DEFINE_string("output_dir", "/tmp/tf_largebatch_goyal", "Where tables, plots, JSON go.")
@@ -61,7 +76,11 @@ COLORS = {
     "no_warmup": "tab:red",
     "constant_warmup": "tab:orange",
     "no_scaling": "tab:green",
+    "gradual_warmup_uncorrected": "tab:purple",
+    "no_warmup_uncorrected": "tab:brown",
 }
+METRICS = ("test_error", "parameter_updates", "noise_scale_epoch1", "hessian_top_eigenvalue")
+METRICS += ("perturbed_loss_increase",)
 
 
 def flag(name):
@@ -115,7 +134,7 @@ def plot_training_loss(records, ks, variants, warmup_epochs, path):
                 x, mean, lo, hi = curve(variant, k)
                 ax.plot(x, mean, color=COLORS[variant], label=f"kn = {k * n}")
                 ax.fill_between(x, lo, hi, color=COLORS[variant], alpha=0.2, lw=0)
-                if GOYAL_VARIANTS[variant]["warmup"] != "none":
+                if ALL_GOYAL_VARIANTS[variant]["warmup"] != "none":
                     ax.axvline(warmup_epochs, color="grey", ls=":", lw=1)
                 ax.set_title(f"{variant.replace('_', ' ')}, kn = {k * n}")
             ax.legend(fontsize=7, loc="upper right")
@@ -195,6 +214,7 @@ def main(argv):
             dataset=FLAGS.dataset,
             data_dir=FLAGS.data_dir,
             model=FLAGS.model,
+            optimizer=FLAGS.optimizer,
             mode="decay_lr",
             epochs=flag("epochs"),
             decay_epochs=int_list("decay_epochs"),
@@ -204,10 +224,15 @@ def main(argv):
             global_batch_size=FLAGS.global_batch_size,
             warmup_epochs=flag("warmup_epochs"),
             momentum=FLAGS.momentum,
+            momentum_correction=FLAGS.momentum_correction,
             weight_decay=FLAGS.weight_decay,
             strategy=FLAGS.strategy,
             num_cpu_devices=FLAGS.num_cpu_devices,
             steps_per_execution=FLAGS.steps_per_execution,
+            measure_noise_scale=FLAGS.measure_noise_scale,
+            measure_sharpness=FLAGS.measure_sharpness,
+            sharpness_max_examples=FLAGS.sharpness_max_examples,
+            save_model=False,
             verbose=0,
         )
         runs = goyal_runs(config, ks, range(flag("seeds")), variants)
@@ -239,13 +264,18 @@ def main(argv):
     )
     with open(os.path.join(out, "goyal_table.md"), "w") as f:
         f.write(table + "\n")
+    metrics = metrics_table(records, METRICS)
+    with open(os.path.join(out, "goyal_metrics.md"), "w") as f:
+        f.write(metrics + "\n")
     plot_training_loss(
         records, ks, variants, flag("warmup_epochs"), os.path.join(out, "goyal_training_loss.png")
     )
     plot_error_vs_batch(summary, variants, os.path.join(out, "goyal_error_vs_batch.png"))
     print("\nFinal test error (%), mean ± std over seeds:\n" + table)
+    print("\nMeasurements, mean ± std over seeds:\n" + metrics)
     print(f"\n{len(records)} runs in {time.time() - start:.0f} s. Wrote:")
-    for name in [*paths, "goyal_table.md", "goyal_training_loss.png", "goyal_error_vs_batch.png"]:
+    figures = ["goyal_training_loss.png", "goyal_error_vs_batch.png"]
+    for name in [*paths, "goyal_table.md", "goyal_metrics.md", *figures]:
         print(" ", os.path.join(out, os.path.basename(name)))
 
 

@@ -2,15 +2,21 @@ r"""Smith et al. 2018 at small scale: increase the batch size instead of decayin
 
   python examples/reproduce_smith.py                      # digits, B₀ = 16, 24 epochs, 5 seeds
   python examples/reproduce_smith.py --quick              # CI size: 4 epochs, one seed
+  python examples/reproduce_smith.py --dataset=mnist1d:20000 --model=cnn1d --optimizer=adam \
+      --global_batch_size=64 --base_learning_rate=0.005 --epochs=8 --decay_epochs=2,4,6 \
+      --weight_decay=0 --seeds=3 --modes=decay_lr,hybrid,grow_batch,no_decay,adaptive
 
 Trains one step-decay recipe (learning rate × --decay_factor at --decay_epochs) as ``decay_lr``
 (fixed batch, decaying learning rate), ``hybrid`` (the batch grows by 1/decay_factor up to
 --max_global_batch_size, then the learning rate decays), ``grow_batch`` (fixed learning rate,
 growing batch) and ``scaled_momentum`` (``grow_batch`` with momentum raised to
 --scaled_momentum and every batch scaled by (1 − m)/(1 − m')), plus the ``no_decay`` control,
-for --seeds seeds each, all in this process. Writes to --output_dir: smith_table.md (final
-test accuracy and parameter updates per mode), smith_accuracy.png (test accuracy against
-epochs and against parameter updates, training loss against epochs: Smith's Figures 2 and 3),
+for --seeds seeds each, all in this process (``adaptive``, McCandlish's batch that grows towards
+the measured noise scale, on request in --modes; ``scaled_momentum`` needs a momentum optimizer,
+so with --optimizer=adam the default --modes leave it out). Writes to --output_dir:
+smith_table.md (final test accuracy and parameter updates per mode), smith_metrics.md (with the
+noise scale and sharpness where measured), smith_accuracy.png (test accuracy against epochs and
+against parameter updates, training loss against epochs: Smith's Figures 2 and 3),
 smith_schedules.png (learning rate, batch and noise scale against epochs: Figure 1), and the
 raw numbers as smith_results.json and smith_{runs,history,summary}.csv.
 """
@@ -24,9 +30,12 @@ import time
 from absl import app, flags, logging
 
 from tf_largebatch.experiment import ExperimentConfig
+from tf_largebatch.models import MODEL_NAMES
 from tf_largebatch.reproduce import (
+    SMITH_EXTRA_MODES,
     SMITH_MODES,
     mean_curve,
+    metrics_table,
     run_study,
     smith_runs,
     smith_table,
@@ -34,14 +43,20 @@ from tf_largebatch.reproduce import (
     write_study,
 )
 
-flags.DEFINE_string("dataset", "digits", "digits (offline), a TFDS name, or npz:PATH.")
+flags.DEFINE_string(
+    "dataset", "digits", "digits, mnist1d, mnist1d:N (offline), a TFDS name, or npz:PATH."
+)
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-flags.DEFINE_enum("model", "mlp", ["auto", "mlp", "cnn", "resnet20", "resnet50"], "Model.")
+flags.DEFINE_enum("model", "mlp", list(MODEL_NAMES), "Model (cnn1d: MNIST-1D's CNN).")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "Optimizer (sgd: momentum SGD).")
 flags.DEFINE_integer("global_batch_size", 16, "The initial global batch B₀.")
 flags.DEFINE_float("base_learning_rate", 0.1, "The initial learning rate (at B₀).")
 flags.DEFINE_integer("max_global_batch_size", 64, "Batch cap of mode hybrid.")
 flags.DEFINE_float("scaled_momentum", 0.95, "Raised momentum of mode scaled_momentum.")
-flags.DEFINE_list("modes", list(SMITH_MODES), "Modes to run.")
+flags.DEFINE_list("modes", list(SMITH_MODES), f"Modes to run; also {SMITH_EXTRA_MODES}.")
+flags.DEFINE_integer(
+    "adaptive_max_global_batch_size", None, "Batch cap of mode adaptive (default: grow_batch's)."
+)
 flags.DEFINE_integer("seeds", 5, "Seeds per mode: 0, 1, ..., seeds - 1.")
 flags.DEFINE_integer("epochs", 24, "Total epochs.")
 flags.DEFINE_list("decay_epochs", ["6", "12", "18"], "Decay (or batch growth) epochs.")
@@ -49,6 +64,9 @@ flags.DEFINE_float("decay_factor", 0.5, "Learning-rate multiplier (batch × its 
 flags.DEFINE_float("momentum", 0.9, "Momentum.")
 flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay on kernels.")
 flags.DEFINE_integer("steps_per_execution", 16, "Training steps per compiled call.")
+flags.DEFINE_bool("measure_noise_scale", False, "Measure B_simple (McCandlish) in every run.")
+flags.DEFINE_bool("measure_sharpness", False, "Measure the final models' sharpness.")
+flags.DEFINE_integer("sharpness_max_examples", 2000, "Training examples the sharpness uses.")
 flags.DEFINE_enum("strategy", "one_device", ["one_device", "mirrored"], "tf.distribute strategy.")
 flags.DEFINE_integer("num_cpu_devices", None, "Split the CPU into N logical devices.")
 flags.DEFINE_string("output_dir", "/tmp/tf_largebatch_smith", "Where tables, plots, JSON go.")
@@ -63,7 +81,10 @@ STYLES = {
     "grow_batch": {"color": "tab:green", "ls": "-."},
     "scaled_momentum": {"color": "tab:red", "ls": ":"},
     "no_decay": {"color": "grey", "ls": "-"},
+    "adaptive": {"color": "tab:purple", "ls": "--"},
 }
+METRICS = ("test_accuracy", "parameter_updates", "noise_scale_epoch1", "hessian_top_eigenvalue")
+METRICS += ("perturbed_loss_increase",)
 
 
 def flag(name):
@@ -155,11 +176,19 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     start, load_start = time.time(), os.getloadavg()
     modes = tuple(flag("modes"))
+    if FLAGS.optimizer != "sgd" and not FLAGS["modes"].present:
+        modes = tuple(m for m in modes if m != "scaled_momentum")
     try:
+        if FLAGS.optimizer != "sgd" and "scaled_momentum" in modes:
+            raise ValueError(
+                "Mode `scaled_momentum` needs --optimizer=sgd (it raises the momentum). "
+                f"Received: optimizer={FLAGS.optimizer!r}"
+            )
         config = ExperimentConfig(
             dataset=FLAGS.dataset,
             data_dir=FLAGS.data_dir,
             model=FLAGS.model,
+            optimizer=FLAGS.optimizer,
             mode="decay_lr",
             epochs=flag("epochs"),
             decay_epochs=decay_epochs(),
@@ -174,6 +203,10 @@ def main(argv):
             strategy=FLAGS.strategy,
             num_cpu_devices=FLAGS.num_cpu_devices,
             steps_per_execution=FLAGS.steps_per_execution,
+            measure_noise_scale=FLAGS.measure_noise_scale,
+            measure_sharpness=FLAGS.measure_sharpness,
+            sharpness_max_examples=FLAGS.sharpness_max_examples,
+            save_model=False,
             verbose=0,
         )
         runs = smith_runs(
@@ -182,6 +215,7 @@ def main(argv):
             max_global_batch_size=FLAGS.max_global_batch_size,
             scaled_momentum=FLAGS.scaled_momentum,
             modes=modes,
+            adaptive_max_global_batch_size=FLAGS.adaptive_max_global_batch_size,
         )
         with (
             contextlib.nullcontext(FLAGS.work_dir)
@@ -210,11 +244,16 @@ def main(argv):
     )
     with open(os.path.join(out, "smith_table.md"), "w") as f:
         f.write(table + "\n")
+    metrics = metrics_table(records, METRICS, scale={"test_accuracy": 100})
+    with open(os.path.join(out, "smith_metrics.md"), "w") as f:
+        f.write(metrics + "\n")
     plot_accuracy(records, modes, os.path.join(out, "smith_accuracy.png"))
     plot_schedules(records, modes, os.path.join(out, "smith_schedules.png"))
     print("\nFinal test accuracy (%), mean ± std over seeds, and parameter updates:\n" + table)
+    print("\nMeasurements, mean ± std over seeds:\n" + metrics)
     print(f"\n{len(records)} runs in {time.time() - start:.0f} s. Wrote:")
-    for name in [*paths, "smith_table.md", "smith_accuracy.png", "smith_schedules.png"]:
+    figures = ["smith_accuracy.png", "smith_schedules.png"]
+    for name in [*paths, "smith_table.md", "smith_metrics.md", *figures]:
         print(" ", os.path.join(out, os.path.basename(name)))
 
 

@@ -12,11 +12,13 @@ import pytest
 
 from tf_largebatch.experiment import ExperimentConfig, make_plan
 from tf_largebatch.reproduce import (
+    GOYAL_EXTRA_VARIANTS,
     GOYAL_VARIANTS,
     SMITH_MODES,
     goyal_runs,
     goyal_table,
     mean_curve,
+    metrics_table,
     run_study,
     smith_runs,
     smith_table,
@@ -126,6 +128,18 @@ def test_goyal_runs_rejects(kwargs, name):
         goyal_runs(GOYAL, **args)
 
 
+def test_goyal_uncorrected_variants_turn_momentum_correction_off():
+    runs = goyal_runs(GOYAL, ks=(8,), seeds=(0,), variants=tuple(GOYAL_EXTRA_VARIANTS))
+    assert [(r.name, r.config.momentum_correction) for r in runs] == [
+        ("reference_k1_seed0", True),
+        ("gradual_warmup_uncorrected_k8_seed0", False),
+        ("no_warmup_uncorrected_k8_seed0", False),
+    ]
+    pair = goyal_runs(GOYAL, (8,), (0,), ("gradual_warmup", "gradual_warmup_uncorrected"))[1:]
+    a, b = (make_plan(r.config, N_DIGITS) for r in pair)
+    assert a.to_dict() == b.to_dict()  # the same schedule: only the optimizer differs
+
+
 def test_goyal_warmup_variants_need_warmup_epochs():
     config = ExperimentConfig(global_batch_size=16, warmup_epochs=0)
     with pytest.raises(ValueError, match="`warmup_epochs`.*Received: warmup_epochs=0"):
@@ -165,6 +179,26 @@ def test_smith_modes_from_one_recipe():
     assert steps["grow_batch"] / steps["decay_lr"] == pytest.approx(996 / 2136)
 
 
+def test_smith_adaptive_mode():
+    """McCandlish's adaptive batch: the decay_lr recipe, capped at grow_batch's last batch."""
+    (run,) = smith_runs(SMITH, seeds=(1,), max_global_batch_size=64, modes=("adaptive",))
+    assert (run.name, run.config.mode, run.config.measure_noise_scale) == (
+        "adaptive_seed1",
+        "adaptive",
+        True,
+    )
+    assert run.config.max_global_batch_size == 16 * 2**3  # ×2 at each of 3 decay epochs
+    (capped,) = smith_runs(
+        SMITH,
+        (0,),
+        max_global_batch_size=64,
+        modes=("adaptive",),
+        adaptive_max_global_batch_size=64,
+    )
+    assert capped.config.max_global_batch_size == 64
+    assert make_plan(run.config, N_DIGITS).phases[0].global_batch_size == 16
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
@@ -174,6 +208,7 @@ def test_smith_modes_from_one_recipe():
         ({"modes": ("decay_lr", "decay_lr")}, "modes"),
         ({"modes": ("sgdr",)}, "modes"),
         ({"seeds": ()}, "seeds"),
+        ({"adaptive_max_global_batch_size": 0}, "adaptive_max_global_batch_size"),
     ],
 )
 def test_smith_runs_rejects(kwargs, name):
@@ -269,6 +304,24 @@ def test_smith_table_rows():
     ]
 
 
+def test_metrics_table_skips_unmeasured():
+    records = [
+        {**record("reference", 1, s, 2.0 + s), "noise_scale_epoch1": 100.0 + 20 * s}
+        for s in range(2)
+    ]
+    records.append({**record("no_scaling", 8, 0, 5.0, batch=128), "noise_scale_epoch1": None})
+    table = metrics_table(records, ("test_error", "noise_scale_epoch1")).splitlines()
+    assert table == [
+        "| group | k | batch | test_error | noise_scale_epoch1 |",
+        "|---|---|---|---|---|",
+        "| reference | 1 | 16 | 2.5 ± 0.71 | 110 ± 14 |",
+        "| no_scaling | 8 | 128 | 5 ± 0 | – |",
+    ]
+    assert metrics_table(records, ("test_accuracy",), scale={"test_accuracy": 100}).endswith(
+        "| 95 ± 0 |"
+    )
+
+
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -329,6 +382,8 @@ def test_run_study_trains_and_resumes(tmp_path):
         assert rec["history"][-1]["steps"] == updates
         assert rec["test_accuracy"] > 0.8  # two epochs of digits
         assert (tmp_path / rec["name"] / "results.json").exists()
+        assert rec["noise_scale_epoch1"] is None and rec["noise_scale_steps"] == []
+        assert rec["hessian_top_eigenvalue"] is None  # not measured
     assert records[1]["config"]["global_batch_size"] == 64
     assert records[1]["plan"]["warmup"] == "gradual"
     again = run_study(runs, str(tmp_path))  # finished runs resume: nothing left to train
@@ -362,6 +417,7 @@ def check_outputs(out, prefix, figures):
     return json.loads((out / f"{prefix}_results.json").read_text())
 
 
+@pytest.mark.slow
 def test_reproduce_goyal_quick(tmp_path):
     proc = run_binary("reproduce_goyal.py", "--quick", f"--output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -390,8 +446,13 @@ def test_reproduce_goyal_quick(tmp_path):
     table = (tmp_path / "goyal_table.md").read_text()
     assert f"| 4 | 64 | 88 | {runs[1]['test_error']:.2f} ± 0.00 |" in table
     assert table in proc.stdout + "\n"
+    # Direction only (one seed of digits): η kept at 4n gives 1/4 of the steps and learns less.
+    errors = {r["group"]: r["test_error"] for r in runs}
+    assert errors["no_scaling"] > errors["reference"]
+    assert (tmp_path / "goyal_metrics.md").read_text().startswith("| group | k | batch |")
 
 
+@pytest.mark.slow
 def test_reproduce_smith_quick(tmp_path):
     proc = run_binary("reproduce_smith.py", "--quick", f"--output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -417,6 +478,7 @@ def test_reproduce_smith_quick(tmp_path):
     assert "| grow_batch | 16, 32, 64, 128 | 0.1, 0.1, 0.1, 0.1 | 0.9 | 166 | 0.47 |" in table
 
 
+@pytest.mark.slow
 def test_reproduce_goyal_reference_only(tmp_path):
     """--ks=1 trains only the reference (a learning-rate sweep of n, say)."""
     args = ("--quick", "--ks=1", "--epochs=2", "--decay_epochs=1", f"--output_dir={tmp_path}")

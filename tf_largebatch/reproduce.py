@@ -41,22 +41,35 @@ from tf_largebatch.experiment import ExperimentConfig
 _log = logging.getLogger(__name__)
 
 REFERENCE = "reference"
-GOYAL_VARIANTS: dict[str, dict[str, str]] = {
+GOYAL_VARIANTS: dict[str, dict[str, Any]] = {
     "gradual_warmup": {"scaling_rule": "linear", "warmup": "gradual"},
     "no_warmup": {"scaling_rule": "linear", "warmup": "none"},
     "constant_warmup": {"scaling_rule": "linear", "warmup": "constant"},
     "no_scaling": {"scaling_rule": "none", "warmup": "none"},
 }
+# Not run by default: the same recipes with SGD's momentum correction off (Goyal §2.2).
+GOYAL_EXTRA_VARIANTS: dict[str, dict[str, Any]] = {
+    "gradual_warmup_uncorrected": {
+        **GOYAL_VARIANTS["gradual_warmup"],
+        "momentum_correction": False,
+    },
+    "no_warmup_uncorrected": {**GOYAL_VARIANTS["no_warmup"], "momentum_correction": False},
+}
+ALL_GOYAL_VARIANTS = {**GOYAL_VARIANTS, **GOYAL_EXTRA_VARIANTS}
 SMITH_MODES = ("decay_lr", "hybrid", "grow_batch", "scaled_momentum", "no_decay")
+# Not run by default: McCandlish's adaptive batch (grows towards the measured B_simple).
+SMITH_EXTRA_MODES = ("adaptive",)
 # Per-epoch fields kept in a record's history, and the per-run fields of ``*_runs.csv``.
 _HISTORY_KEYS = (
     *("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy"),
-    *("learning_rate", "global_batch_size", "momentum", "steps"),
+    *("learning_rate", "global_batch_size", "momentum", "steps", "noise_scale"),
 )
 _RUN_KEYS = (
     *("name", "group", "k", "seed", "global_batch_size", "test_error", "test_accuracy"),
     *("test_loss", "final_train_loss", "parameter_updates", "wall_seconds"),
+    *("noise_scale_epoch1", "hessian_top_eigenvalue", "perturbed_loss_increase"),
 )
+_NOISE_POINTS = 200  # noise_scale_steps kept per record (evenly thinned)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +123,8 @@ def goyal_runs(
       config: the small-batch reference recipe (mode, epochs, decay epochs, model, ...).
       ks: batch multiples; 1 may be listed (the reference always runs).
       seeds: one run per seed for every (variant, k).
-      variants: a subset of `GOYAL_VARIANTS`.
+      variants: a subset of `ALL_GOYAL_VARIANTS` (`GOYAL_VARIANTS` and the momentum
+        correction off, `GOYAL_EXTRA_VARIANTS`).
 
     Returns:
       The reference runs first, then runs by k, variant and seed.
@@ -132,9 +146,11 @@ def goyal_runs(
     if len(set(ks)) != len(ks):
         _fail("ks", "distinct integers", ks)
     variants = tuple(variants)
-    if not variants or any(v not in GOYAL_VARIANTS for v in variants):
-        _fail("variants", f"a non-empty subset of {tuple(GOYAL_VARIANTS)}", variants)
-    if config.warmup_epochs <= 0 and any(GOYAL_VARIANTS[v]["warmup"] != "none" for v in variants):
+    if not variants or any(v not in ALL_GOYAL_VARIANTS for v in variants):
+        _fail("variants", f"a non-empty subset of {tuple(ALL_GOYAL_VARIANTS)}", variants)
+    if config.warmup_epochs <= 0 and any(
+        ALL_GOYAL_VARIANTS[v]["warmup"] != "none" for v in variants
+    ):
         _fail("warmup_epochs", "> 0 for the warmup variants", config.warmup_epochs)
     replace = functools.partial(dataclasses.replace, config)
     runs = [
@@ -149,7 +165,7 @@ def goyal_runs(
     ]
     for k in sorted(k for k in ks if k > 1):
         for variant in variants:
-            overrides = GOYAL_VARIANTS[variant]
+            overrides = ALL_GOYAL_VARIANTS[variant]
             warmup_epochs = config.warmup_epochs if overrides["warmup"] != "none" else 0
             for s in seeds:
                 run_config = replace(
@@ -169,6 +185,7 @@ def smith_runs(
     max_global_batch_size: int,
     scaled_momentum: float = 0.95,
     modes: Sequence[str] = SMITH_MODES,
+    adaptive_max_global_batch_size: int | None = None,
 ) -> list[Run]:
     """Smith et al.'s comparison: one step-decay recipe trained in several modes.
 
@@ -180,6 +197,9 @@ def smith_runs(
       batch × (1 − m)/(1 − ``scaled_momentum``), same noise scale g = εN/(B(1 − m)) (§5.4);
     - ``no_decay``: the control, B₀ and the learning rate fixed throughout (not in the paper;
       it shows whether the decay matters at all for this recipe).
+    - ``adaptive`` (in `SMITH_EXTRA_MODES`): the ``decay_lr`` recipe whose batch grows at epoch
+      ends towards the measured gradient noise scale B_simple (McCandlish et al. 2018), up to
+      ``adaptive_max_global_batch_size``, the learning rate scaled linearly with it.
 
     Args:
       config: the ``decay_lr`` recipe (its ``mode`` and ``max_global_batch_size`` are
@@ -187,7 +207,9 @@ def smith_runs(
       seeds: one run per seed and mode.
       max_global_batch_size: the batch cap of ``hybrid``.
       scaled_momentum: the raised momentum of ``scaled_momentum``, > ``config.momentum``.
-      modes: a subset of `SMITH_MODES`.
+      modes: a subset of `SMITH_MODES` + `SMITH_EXTRA_MODES`.
+      adaptive_max_global_batch_size: the batch cap of ``adaptive`` (None: the largest batch
+        of ``grow_batch``, B₀ / decay_factor^len(decay_epochs)).
 
     Returns:
       Runs by mode and seed (k = 1).
@@ -203,8 +225,13 @@ def smith_runs(
     """
     seeds = _check_seeds(seeds)
     modes = tuple(modes)
-    if not modes or any(m not in SMITH_MODES for m in modes) or len(set(modes)) != len(modes):
-        _fail("modes", f"distinct names from {SMITH_MODES}", modes)
+    known = (*SMITH_MODES, *SMITH_EXTRA_MODES)
+    if not modes or any(m not in known for m in modes) or len(set(modes)) != len(modes):
+        _fail("modes", f"distinct names from {known}", modes)
+    if adaptive_max_global_batch_size is None:
+        growth = round((1 / config.decay_factor) ** len(tuple(config.decay_epochs)))
+        adaptive_max_global_batch_size = config.global_batch_size * max(growth, 1)
+    check_positive_int("adaptive_max_global_batch_size", adaptive_max_global_batch_size)
     check_positive_int("max_global_batch_size", max_global_batch_size)
     check_momentum("scaled_momentum", scaled_momentum)
     if scaled_momentum <= config.momentum:
@@ -215,6 +242,11 @@ def smith_runs(
         "grow_batch": {"mode": "grow_batch"},
         "scaled_momentum": {"mode": "grow_batch", "scaled_momentum": scaled_momentum},
         "no_decay": {"mode": "decay_lr", "decay_epochs": ()},
+        "adaptive": {
+            "mode": "adaptive",
+            "max_global_batch_size": adaptive_max_global_batch_size,
+            "measure_noise_scale": True,
+        },
     }
     base = {"max_global_batch_size": None, "scaled_momentum": None}
     return [
@@ -232,6 +264,10 @@ def smith_runs(
 
 def _record(run: Run, results: dict[str, Any]) -> dict[str, Any]:
     accuracy = float(results["test_accuracy"])
+    noise = results.get("noise_scale_steps") or []
+    stride = max(1, math.ceil(len(noise) / _NOISE_POINTS))
+    history = results["history"]
+    sharp = results.get("sharpness") or {}
     return {
         "name": run.name,
         "group": run.group,
@@ -245,8 +281,15 @@ def _record(run: Run, results: dict[str, Any]) -> dict[str, Any]:
         "parameter_updates": int(results["parameter_updates"]),
         "wall_seconds": float(results["wall_seconds"]),
         "plan": results["plan"],
-        "history": [{k: h[k] for k in _HISTORY_KEYS if k in h} for h in results["history"]],
+        "history": [{k: h[k] for k in _HISTORY_KEYS if k in h} for h in history],
         "config": dataclasses.asdict(run.config),
+        # McCandlish's B_simple (EMA estimate) at the end of the first epoch, and thinned.
+        "noise_scale_epoch1": (
+            float(history[0]["noise_scale"]) if history and "noise_scale" in history[0] else None
+        ),
+        "noise_scale_steps": [list(p) for p in noise[::stride]],
+        "hessian_top_eigenvalue": sharp.get("hessian_top_eigenvalue"),
+        "perturbed_loss_increase": sharp.get("perturbed_loss_increase"),
     }
 
 
@@ -312,7 +355,9 @@ def summarize(
         groups.setdefault((r["group"], r["k"]), []).append(r)
     rows = []
     for (group, k), members in groups.items():
-        values = [float(m[metric]) for m in members]
+        values = [float(m[metric]) for m in members if m.get(metric) is not None]
+        if not values:
+            continue
         mean = sum(values) / len(values)
         var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
         rows.append(
@@ -413,6 +458,38 @@ def smith_table(summary: Sequence[dict[str, Any]], records: Sequence[dict[str, A
             f"{100 * (row['mean'] - base['mean']):+.2f}" if base else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metrics_table(
+    records: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    *,
+    scale: dict[str, float] | None = None,
+) -> str:
+    """Mean ± std over seeds of several record fields per (group, k), as Markdown.
+
+    For the measurements beside the error: ``noise_scale_epoch1``, ``hessian_top_eigenvalue``,
+    ``perturbed_loss_increase``, ``test_error``, ``parameter_updates``, ... Fields a run did
+    not measure (None) are left out; a row with none of them shows "–". ``scale`` multiplies
+    a metric (e.g. ``{"test_accuracy": 100}``).
+    """
+    scale = scale or {}
+    rows: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for metric in metrics:
+        for row in summarize(records, metric):
+            rows.setdefault((row["group"], row["k"]), {})[metric] = row
+    order = list(dict.fromkeys((r["group"], r["k"]) for r in records))
+    head = ["group", "k", "batch", *metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    batch = {(r["group"], r["k"]): r["global_batch_size"] for r in records}
+    for key in order:
+        cells = []
+        for metric in metrics:
+            row = rows.get(key, {}).get(metric)
+            f = scale.get(metric, 1.0)
+            cells.append(f"{f * row['mean']:.4g} ± {f * row['std']:.2g}" if row else "–")
+        lines.append("| " + " | ".join([key[0], str(key[1]), str(batch[key]), *cells]) + " |")
     return "\n".join(lines)
 
 
