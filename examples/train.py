@@ -23,6 +23,7 @@ import sys
 
 from absl import app, flags, logging
 
+from tf_largebatch import Preempted
 from tf_largebatch.experiment import (
     EXPERIMENT_MODES,
     OPTIMIZERS,
@@ -146,13 +147,8 @@ def main(argv):
         results = run_experiment(config_from_flags(), on_plan=print_plan)
     except ValueError as e:
         fail(f"error: {' '.join(str(e).split())}")
-    except RuntimeError as e:
-        # The Trainer's `Preempted` (SIGTERM / SIGINT; a checkpoint was saved) carries the
-        # exit status to use: 143 or 130.
-        status = getattr(e, "exit_status", None)
-        if not isinstance(status, int):
-            raise
-        fail(" ".join(str(e).split()), status=status)
+    except Preempted as e:  # SIGTERM / Ctrl-C: a checkpoint was saved; exit 143 / 130
+        fail(" ".join(str(e).split()), status=e.exit_status)
     except KeyboardInterrupt:
         fail(
             f"interrupted; rerun the same command to resume from the last checkpoint in "

@@ -42,6 +42,7 @@ _LAZY = {
     "worker_info": "distribute",
     "slurm_cluster_resolver": "distribute",
     "tf_config_from_slurm": "distribute",
+    "Preempted": "controller",
     "Trainer": "training",
     "TrainerConfig": "training",
     "NoiseScaleEstimator": "noise",
