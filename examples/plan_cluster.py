@@ -136,6 +136,12 @@ def goyal_report() -> dict:
     )
     for name, value in rows.items():
         print(f"  {name:<32} {value:6.1%}")
+    t8, t352 = goodput.goyal_iteration_seconds(1), goodput.goyal_iteration_seconds(44)
+    print(
+        f"Iteration: {t8:.3f} s on 8 GPUs, {t352:.3f} s on 352 ({t352 / t8 - 1:+.0%}; paper +12%);"
+        f" epoch {1_281_167 / 256 * t8 / 60:.1f} min (paper: over 16) and"
+        f" {1_281_167 / 11264 * t352:.0f} s (paper: 30)."
+    )
     print("Paper: ~90% (abstract, §5.5, Fig. 8) with NCCL inside a server and recursive")
     print("halving/doubling across servers. Model: 85.6% (no overlap) to 100% (pipelined), so a")
     print("bandwidth-optimal all-reduce (ring or halving/doubling) was needed; one parameter")

@@ -430,3 +430,17 @@ def test_docstring_examples():
 
     result = doctest.testmod(goodput)
     assert result.attempted >= 12 and result.failed == 0
+
+
+def test_goyal_iteration_and_epoch_times_against_the_paper():
+    """§5.5/Fig. 7: epoch "over 16 minutes" at kn = 256 (8 GPUs), "just 30 seconds" at kn = 11k
+    (352 GPUs); "the time per iteration increases only 12%" between them."""
+    epoch = 1_281_167
+    t8 = goodput.goyal_iteration_seconds(1)
+    t352 = goodput.goyal_iteration_seconds(44)
+    assert t8 == pytest.approx(GOYAL_COMPUTE + INTRA_8)
+    inter_44 = 2 * 6 * 10e-6 + 2 * (43 / 44) * GOYAL_P / 6.25e9  # ⌈log₂44⌉ = 6
+    assert t352 == pytest.approx(GOYAL_COMPUTE + INTRA_8 + inter_44)
+    assert abs(t352 / t8 - 1.12) < 0.10  # model +16.9 % against their +12 %
+    assert epoch / 256 * t8 / 60 == pytest.approx(16, rel=0.05)  # model 15.8 min
+    assert epoch / (256 * 44) * t352 == pytest.approx(30, rel=0.2)  # model 25.1 s
