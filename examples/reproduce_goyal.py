@@ -19,6 +19,7 @@ off (``gradual_warmup_uncorrected``, ``no_warmup_uncorrected``) can be added to 
 """
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -67,6 +68,9 @@ flags.DEFINE_enum("strategy", "one_device", ["one_device", "mirrored"], "tf.dist
 flags.DEFINE_integer("num_cpu_devices", None, "Split the CPU into N logical devices.")
 flags.DEFINE_string("output_dir", "/tmp/tf_largebatch_goyal", "Where tables, plots, JSON go.")
 flags.DEFINE_string("work_dir", None, "Run directories (kept, rerun resumes); default: temp.")
+flags.DEFINE_bool(
+    "replot", False, "Redraw tables and figures from --output_dir/goyal_results.json; no training."
+)
 flags.DEFINE_bool("quick", False, "CI-sized run: 4 epochs, k = 1, 4, one seed (unless given).")
 FLAGS = flags.FLAGS
 
@@ -196,6 +200,36 @@ def plot_error_vs_batch(summary, variants, path):
     plt.close(fig)
 
 
+def plot_noise_scale(records, ks, variants, path):
+    """McCandlish's B_simple over training: the reference and each kn, over the batches run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    variant = "gradual_warmup" if "gradual_warmup" in variants else variants[0]
+    cmap = plt.get_cmap("viridis")
+    shown = [(REFERENCE, 1)] + [(variant, k) for k in ks if k > 1]
+    for i, (group, k) in enumerate(shown):
+        members = [r for r in records if (r["group"], r["k"]) == (group, k)]
+        if not members or not members[0].get("noise_scale_steps"):
+            continue
+        color = cmap(i / max(len(shown) - 1, 1))
+        for j, r in enumerate(members):
+            per_epoch = r["history"][0]["steps"]
+            steps, b = zip(*r["noise_scale_steps"])
+            label = f"kn = {r['global_batch_size']}" if j == 0 else None
+            ax.plot([s / per_epoch for s in steps], b, color=color, lw=1, alpha=0.8, label=label)
+        ax.axhline(members[0]["global_batch_size"], color=color, ls=":", lw=1)
+    ax.set(xlabel="epoch", ylabel="B_simple (EMA estimate)", yscale="log")
+    ax.set_title(f"Gradient noise scale during training ({variant.replace('_', ' ')}; dotted: kn)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def print_run(index, total, record):
     print(
         f"[{index + 1}/{total}] {record['name']}: test error {record['test_error']:.2f}%, "
@@ -208,6 +242,12 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     start, load_start = time.time(), os.getloadavg()
+    out = FLAGS.output_dir
+    if FLAGS.replot:
+        with open(os.path.join(out, "goyal_results.json")) as f:
+            saved = json.load(f)
+        write_outputs(saved["runs"], saved["ks"], saved["variants"], saved, out, start)
+        return
     try:
         ks, variants = int_list("ks"), tuple(flag("variants"))
         config = ExperimentConfig(
@@ -244,37 +284,44 @@ def main(argv):
             records = run_study(runs, work_dir, on_run=print_run)
     except ValueError as e:
         sys.exit(f"reproduce_goyal.py: error: {e}")
+    extra = {
+        "command": " ".join(["python", "examples/reproduce_goyal.py", *sys.argv[1:]]),
+        "reference_config": records[0]["config"],
+        "ks": list(ks),
+        "seeds": list(range(flag("seeds"))),
+        "variants": list(variants),
+        "wall_seconds": time.time() - start,
+        "cpu_count": os.cpu_count(),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+    }
+    write_outputs(records, ks, variants, extra, out, start)
+
+
+def write_outputs(records, ks, variants, extra, out, start):
+    """Tables, figures and raw numbers of a study (also from a saved goyal_results.json)."""
     summary = summarize(records, "test_error")
     table = goyal_table(summary, variants)
-    out = FLAGS.output_dir
-    paths = write_study(
-        out,
-        "goyal",
-        records,
-        summary,
-        command=" ".join(["python", "examples/reproduce_goyal.py", *sys.argv[1:]]),
-        reference_config=records[0]["config"],
-        ks=list(ks),
-        seeds=list(range(flag("seeds"))),
-        variants=list(variants),
-        wall_seconds=time.time() - start,
-        cpu_count=os.cpu_count(),
-        load_average_start=load_start,
-        load_average_end=os.getloadavg(),
-    )
+    keys = ("command", "reference_config", "ks", "seeds", "variants", "wall_seconds")
+    keys += ("cpu_count", "load_average_start", "load_average_end")
+    paths = write_study(out, "goyal", records, summary, **{k: extra[k] for k in keys})
     with open(os.path.join(out, "goyal_table.md"), "w") as f:
         f.write(table + "\n")
     metrics = metrics_table(records, METRICS)
     with open(os.path.join(out, "goyal_metrics.md"), "w") as f:
         f.write(metrics + "\n")
+    warmup_epochs = max(r["config"]["warmup_epochs"] for r in records)
     plot_training_loss(
-        records, ks, variants, flag("warmup_epochs"), os.path.join(out, "goyal_training_loss.png")
+        records, ks, variants, warmup_epochs, os.path.join(out, "goyal_training_loss.png")
     )
     plot_error_vs_batch(summary, variants, os.path.join(out, "goyal_error_vs_batch.png"))
+    figures = ["goyal_training_loss.png", "goyal_error_vs_batch.png"]
+    if any(r.get("noise_scale_steps") for r in records):
+        plot_noise_scale(records, ks, variants, os.path.join(out, "goyal_noise_scale.png"))
+        figures.append("goyal_noise_scale.png")
     print("\nFinal test error (%), mean ± std over seeds:\n" + table)
     print("\nMeasurements, mean ± std over seeds:\n" + metrics)
     print(f"\n{len(records)} runs in {time.time() - start:.0f} s. Wrote:")
-    figures = ["goyal_training_loss.png", "goyal_error_vs_batch.png"]
     for name in [*paths, "goyal_table.md", "goyal_metrics.md", *figures]:
         print(" ", os.path.join(out, os.path.basename(name)))
 
