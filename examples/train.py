@@ -9,9 +9,11 @@ Prints the phase table, a progress bar per epoch and a summary; writes
 ``--model_dir``/results.json, model.keras, checkpoints (rerun the same command to resume) and
 TensorBoard logs.
 
-Exit status: 0 done; 2 bad input (one line on stderr, ``train.py: error: <message>``, naming
-the flag or file and the value; nothing written to ``--model_dir``); 143 stopped by SIGTERM
-(preemption) and 130 by Ctrl-C, after saving a checkpoint: rerun the same command to resume.
+Exit status: 0 done; 1 the training loss became NaN or infinite (one line; the last good
+checkpoint is kept, nothing is saved over it); 2 bad input (one line on stderr,
+``train.py: error: <message>``, naming the flag or file and the value; nothing written to
+``--model_dir``); 143 stopped by SIGTERM (preemption) and 130 by Ctrl-C, after saving a
+checkpoint: rerun the same command to resume.
 """
 
 import os
@@ -149,6 +151,8 @@ def main(argv):
         fail(f"error: {' '.join(str(e).split())}")
     except Preempted as e:  # SIGTERM / Ctrl-C: a checkpoint was saved; exit 143 / 130
         fail(" ".join(str(e).split()), status=e.exit_status)
+    except FloatingPointError as e:  # NonFiniteLossError: the last good checkpoint is kept
+        fail(f"error: {' '.join(str(e).split())}", status=1)
     except KeyboardInterrupt:
         fail(
             f"interrupted; rerun the same command to resume from the last checkpoint in "

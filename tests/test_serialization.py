@@ -77,9 +77,16 @@ def _linear_warmup(step):
 
 
 @pytest.mark.slow
-def test_load_model_after_plain_import_in_fresh_process(tmp_path):
+@pytest.mark.parametrize("order", ["keras_first", "tf_largebatch_first"])
+def test_load_model_after_plain_import_in_fresh_process(tmp_path, order):
     names = _run(_SAVE, tmp_path)
-    loaded = _run(_LOAD, tmp_path, json.dumps(names), json.dumps(STEPS))
+    load = _LOAD
+    if order == "tf_largebatch_first":  # registered by the import hook when keras loads
+        load = load.replace(
+            "import keras\nimport tf_largebatch\n", "import tf_largebatch\nimport keras\n"
+        )
+        assert load != _LOAD
+    loaded = _run(load, tmp_path, json.dumps(names), json.dumps(STEPS))
     assert sorted(loaded) == ["lars_linear_warmup", "sgd_constant_warmup", "sgd_goyal"]
     assert loaded["sgd_goyal"]["optimizer"] == "tf_largebatch.optimizers.SGD"
     assert loaded["lars_linear_warmup"]["optimizer"] == "tf_largebatch.optimizers.LARS"
@@ -102,3 +109,10 @@ def test_plain_import_registers_the_keras_classes():
 
     for name in ("SGD", "LARS", "LinearWarmup", "ConstantWarmup"):
         assert keras.saving.get_registered_object(f"tf_largebatch>{name}") is getattr(lb, name)
+
+
+def test_plain_import_loads_no_tensorflow():
+    """The registration waits for Keras: `import tf_largebatch` alone stays TensorFlow-free."""
+    code = "import sys, tf_largebatch; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "False"], result.stderr[-2000:]

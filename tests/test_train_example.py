@@ -365,3 +365,32 @@ def test_two_workers_agree_and_match_two_replica_mirrored(tmp_path):
 def test_optimizer_flags_train(tmp_path, args):
     run(f"--model_dir={tmp_path}", *QUICK, *args)
     assert results(tmp_path)["test_accuracy"] > 0.85  # measured 0.94 (adam, lars) at 6 epochs
+
+
+@pytest.mark.slow
+def test_nan_in_the_inputs_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """One NaN pixel: exit 1, one line, checkpoints before it finite, nothing written after."""
+    import tensorflow as tf
+
+    from tf_largebatch.data import load_data
+
+    d = load_data("digits")
+    x = d.x_train.copy()
+    x[1000, 3, 4, 0] = np.nan
+    path = tmp_path / "nan.npz"
+    np.savez(path, x_train=x, y_train=d.y_train, x_test=d.x_test, y_test=d.y_test)
+    model_dir = tmp_path / "run"
+    proc = run(f"--model_dir={model_dir}", f"--dataset=npz:{path}", "--epochs=2",
+               "--decay_epochs=", "--steps_per_execution=1", "--checkpoint_every_steps=5",
+               "--verbose=0", check=False)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = own_stderr(proc)
+    assert line.startswith("train.py: error: The training loss is nan at epoch 1")
+    assert not (model_dir / "model.keras").exists() and not (model_dir / "results.json").exists()
+    latest = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
+    assert latest is not None  # steps before the NaN example were checkpointed
+    reader = tf.train.load_checkpoint(latest)
+    weights = [n for n in reader.get_variable_to_shape_map() if "_trainable_variables/" in n]
+    assert len(weights) == 4  # the mlp's kernels and biases, all finite
+    assert all(np.isfinite(reader.get_tensor(n)).all() for n in weights)

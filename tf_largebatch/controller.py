@@ -379,6 +379,8 @@ class Controller:
             results["adaptive_decisions"] = decisions
         if t.noise_estimator is not None:
             results["noise_scale_steps"] = self.noise_steps
+            # steps whose gradients were not finite (float16 overflow): not in the estimate
+            results["noise_scale_skipped_steps"] = int(t.noise_estimator.skipped.numpy())
         last = self.records[-1] if self.records else {}
         if "val_loss" in last:
             results.update({k: v for k, v in last.items() if k.startswith("test_")})

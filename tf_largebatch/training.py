@@ -27,9 +27,7 @@ computation is `steps.TrainStep` / `steps.EvalStep`, whose hooks a subclass can 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,9 +40,6 @@ from tf_largebatch import distribute as distribute_lib
 from tf_largebatch import inputs as inputs_lib
 from tf_largebatch import noise as noise_lib
 from tf_largebatch._validation import (
-    check_choice,
-    check_momentum,
-    check_non_negative_int,
     check_positive_int,
 )
 from tf_largebatch.checkpoints import RunState, read_json
@@ -56,101 +51,14 @@ from tf_largebatch.controller import (
 )
 from tf_largebatch.phases import PhasePlan
 from tf_largebatch.steps import EvalStep, TrainStep
+from tf_largebatch.trainer_config import (  # noqa: F401 (re-exported)
+    MIXED_PRECISION,
+    TrainerConfig,
+    micro_batches,
+)
 
 _log = logging.getLogger(__name__)
 Schedule = keras.optimizers.schedules.LearningRateSchedule
-MIXED_PRECISION = (None, "mixed_float16", "mixed_bfloat16")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainerConfig:
-    """How the `Trainer` runs (what it trains is the `PhasePlan`).
-
-    Attributes:
-      model_dir: checkpoints, TensorBoard logs, ``plan.json``, ``history.json``,
-        ``results.json`` and ``model.keras``; rerunning with the same directory resumes.
-      seed: seeds model initialisation and the per-epoch permutations.
-      max_per_replica_batch_size: larger per-replica batches are split into micro-batches of
-        at most this many examples whose gradients are summed inside one step.
-      steps_per_execution: training steps run inside one compiled call.
-      checkpoint_every_steps: also checkpoint every this many steps of an epoch (0: epoch ends).
-      max_checkpoints_to_keep: checkpoints kept by the `tf.train.CheckpointManager`.
-      eval_batch_size: batch size of the evaluation pass.
-      eval_every_epochs: evaluate on the validation data every this many epochs (and after
-        the last one).
-      verbose: 1 shows a `keras.utils.Progbar` per epoch on the chief, 0 is silent.
-      jit_compile: XLA-compile the per-replica forward/backward pass.
-      mixed_precision: ``None``, ``"mixed_float16"`` (with loss scaling) or
-        ``"mixed_bfloat16"``.
-      save_model: write ``model_dir/model.keras`` at the end (chief only).
-      measure_noise_scale: estimate the gradient noise scale B_simple every step.
-      noise_scale_beta: EMA decay of the noise-scale estimator.
-      adaptive_max_global_batch_size: if set, grow the batch at epoch ends towards B_simple,
-        up to this size (turns on ``measure_noise_scale``).
-      adaptive_factor: the batch grows by whole powers of this factor.
-      adaptive_learning_rate_rule: how the learning rate follows a grown batch
-        (``"linear"``, ``"sqrt"``, ``"keep"``; see `noise.scaled_learning_rate_for_batch`).
-      adaptive_min_steps: steps the estimator must have seen before a decision.
-    """
-
-    model_dir: str
-    seed: int = 0
-    max_per_replica_batch_size: int | None = None
-    steps_per_execution: int = 1
-    checkpoint_every_steps: int = 0
-    max_checkpoints_to_keep: int = 2
-    eval_batch_size: int = 512
-    eval_every_epochs: int = 1
-    verbose: int = 1
-    jit_compile: bool = False
-    mixed_precision: str | None = None
-    save_model: bool = True
-    measure_noise_scale: bool = False
-    noise_scale_beta: float = 0.99
-    adaptive_max_global_batch_size: int | None = None
-    adaptive_factor: int = 2
-    adaptive_learning_rate_rule: str = "linear"
-    adaptive_min_steps: int = 20
-
-    def __post_init__(self) -> None:
-        if not self.model_dir:
-            raise ValueError(f"Argument `model_dir` must be a path. Received: {self.model_dir!r}")
-        if self.max_per_replica_batch_size is not None:
-            check_positive_int("max_per_replica_batch_size", self.max_per_replica_batch_size)
-        check_positive_int("steps_per_execution", self.steps_per_execution)
-        check_non_negative_int("checkpoint_every_steps", self.checkpoint_every_steps)
-        check_positive_int("max_checkpoints_to_keep", self.max_checkpoints_to_keep)
-        check_positive_int("eval_batch_size", self.eval_batch_size)
-        check_positive_int("eval_every_epochs", self.eval_every_epochs)
-        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        check_momentum("noise_scale_beta", self.noise_scale_beta)
-        if self.adaptive_max_global_batch_size is not None:
-            check_positive_int(
-                "adaptive_max_global_batch_size", self.adaptive_max_global_batch_size
-            )
-        check_choice(
-            "adaptive_learning_rate_rule",
-            self.adaptive_learning_rate_rule,
-            noise_lib.LR_RULES_FOR_BATCH_GROWTH,
-        )
-        if self.adaptive_factor < 2:
-            raise ValueError(
-                f"Argument `adaptive_factor` must be >= 2. Received: {self.adaptive_factor=}"
-            )
-
-    @property
-    def adaptive(self) -> bool:
-        return self.adaptive_max_global_batch_size is not None
-
-
-def micro_batches(per_replica_batch_size: int, max_per_replica_batch_size: int | None) -> int:
-    """Fewest micro-batches k with k | b and b/k ≤ the maximum (1 when there is no maximum)."""
-    if not max_per_replica_batch_size or per_replica_batch_size <= max_per_replica_batch_size:
-        return 1
-    k = math.ceil(per_replica_batch_size / max_per_replica_batch_size)
-    while per_replica_batch_size % k:
-        k += 1
-    return k
 
 
 class Trainer:
