@@ -276,8 +276,11 @@ class PositionEmbedding(keras.layers.Layer):
 class CausalSelfAttention(keras.layers.Layer):
     """Multi-head self-attention where position t attends to positions ≤ t only.
 
-    One Dense projects to queries, keys and values (d → 3d), ``keras.ops.dot_product_attention``
-    with ``is_causal=True`` mixes them per head, one Dense projects back (d → d).
+    One Dense without bias projects to queries, keys and values (d → 3d),
+    ``keras.ops.dot_product_attention`` with ``is_causal=True`` mixes them per head, one Dense
+    projects back (d → d). No bias on q, k, v: a key bias has a zero gradient (softmax is
+    shift-invariant), and Adam's g/√v would turn the rounding noise of that zero into full-size
+    steps, differently for different replica counts.
     """
 
     def __init__(
@@ -292,7 +295,10 @@ class CausalSelfAttention(keras.layers.Layer):
         self.d_model, self.num_heads, self.seed = d_model, num_heads, seed
         seeds = (None, None) if seed is None else (seed, seed + 1)
         self.qkv = keras.layers.Dense(
-            3 * d_model, kernel_initializer=keras.initializers.GlorotUniform(seeds[0]), name="qkv"
+            3 * d_model,
+            use_bias=False,
+            kernel_initializer=keras.initializers.GlorotUniform(seeds[0]),
+            name="qkv",
         )
         self.out = keras.layers.Dense(
             d_model, kernel_initializer=keras.initializers.GlorotUniform(seeds[1]), name="out"
