@@ -140,3 +140,29 @@ def test_sigterm_saves_at_the_step_reached_and_resumes(data, tmp_path, uninterru
     again.fit(*data)
     for a, b in zip(uninterrupted.model.get_weights(), again.model.get_weights()):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+class Dying:
+    """Wraps the compiled step; raises after `calls` calls, like a process killed mid-run."""
+
+    def __init__(self, step, calls):
+        self.step, self.calls = step, calls
+
+    def __call__(self, *args):
+        self.calls -= 1
+        if self.calls < 0:
+            raise RuntimeError("killed")
+        return self.step(*args)
+
+
+def test_killed_inside_the_ramp_resumes_from_the_last_checkpoint(data, tmp_path, uninterrupted):
+    run = trainer(tmp_path, "killed", checkpoint_every_steps=7)
+    run.train_step = Dying(run.train_step, 25)  # dies at step 25: the last checkpoint is 21
+    with pytest.raises(RuntimeError, match="killed"):
+        run.fit(*data)
+    assert tf.train.latest_checkpoint(str(tmp_path / "killed" / "ckpt")).endswith("-21")
+    again = trainer(tmp_path, "killed", checkpoint_every_steps=7)
+    again.fit(*data)
+    assert again.results["parameter_updates"] == uninterrupted.results["parameter_updates"]
+    for a, b in zip(uninterrupted.model.get_weights(), again.model.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
