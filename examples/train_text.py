@@ -51,7 +51,9 @@ flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training text.")
 flags.DEFINE_list("decay_epochs", None, "Decay (or batch-growth) epochs; default epochs/2.")
 flags.DEFINE_float("decay_factor", _D.decay_factor, "LR multiplier per decay (batch x 1/it).")
 flags.DEFINE_integer("global_batch_size", _D.global_batch_size, "Global batch (rampup: target).")
-flags.DEFINE_float("base_learning_rate", _D.base_learning_rate, "LR per base_batch_size.")
+flags.DEFINE_float(
+    "base_learning_rate", None, "LR per base_batch_size; default 3e-3 (adamw), 3e-2 (lamb)."
+)
 flags.DEFINE_integer("base_batch_size", _D.base_batch_size, "Reference batch of the base LR.")
 flags.DEFINE_enum("scaling_rule", None, ["linear", "sqrt", "none"], "Default: sqrt (Adam).")
 flags.DEFINE_integer("warmup_steps", None, "Warmup steps (default: from --warmup_epochs).")

@@ -110,3 +110,24 @@ def test_bad_flags_are_one_line_and_exit_status_2(flag, message, tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.startswith("train_text.py:")]
     assert len(lines) == 1 and re.search(message, lines[0]), done.stderr[-2000:]
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_rampup_with_lamb_and_wsd(tmp_path):
+    # 1,687 windows; batch 16 → 64 by 16 over the first 800 windows (Megatron's rule), then 64.
+    args = ["--mode=rampup", "--optimizer=lamb", "--schedule=wsd", "--global_batch_size=64",
+            "--rampup_batch_size=16,16,800", f"--model_dir={tmp_path}"]  # fmt: skip
+    (summary,) = run([sys.executable, EXAMPLE, *QUICK, *args])
+    results = json.loads((tmp_path / "results.json").read_text())
+    phases = [(p["global_batch_size"], p["num_steps"]) for p in results["phases"]]
+    assert phases == [(16, 17), (32, 9), (48, 5), (64, 39)]  # 272, 288, 240, 2496 windows
+    assert summary["parameter_updates"] == 70
+    assert results["validation_bits_per_byte"] < results["unigram_bits_per_byte"] - 0.3
+    assert results["config"]["optimizer"] == "lamb"
+    import keras
+
+    import tf_largebatch.text  # noqa: F401
+
+    optimizer = keras.models.load_model(tmp_path / "model.keras").optimizer
+    assert type(optimizer).__name__ == "Lamb"
+    assert optimizer.get_config()["learning_rate"]["class_name"] == "WarmupStableDecay"
