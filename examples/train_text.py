@@ -1,9 +1,9 @@
 r"""Train a small byte-level Transformer language model on text every machine has.
 
-  python examples/train_text.py                 # the Python standard library's source, ~2 min
+  python examples/train_text.py                 # the Python standard library's source
   python examples/train_text.py --optimizer=lamb --schedule=wsd --mode=decay_lr
   python examples/train_text.py --mode=rampup --global_batch_size=64 \
-      --rampup_batch_size=16,16,100000
+      --rampup_batch_size=16,16,4000
   python examples/train_text.py --num_cpu_devices=2 --strategy=mirrored
   python -m tf_largebatch.launch --num_workers=2 -- examples/train_text.py --strategy=multi_worker
   python examples/train_text.py --text_files='/usr/share/doc/**/*.txt'
@@ -14,6 +14,10 @@ the validation loss in bits per byte next to the byte-unigram entropy of the tra
 context-free model's loss, ~4.5 bits per byte on Python source). Writes
 ``--model_dir``/results.json (``validation_bits_per_byte``, ``unigram_bits_per_byte``),
 model.keras, checkpoints (rerun the same command to resume) and TensorBoard logs.
+
+The default (600 kB, a 2-layer d=64 model, 2 epochs at batch 32 then 64, 394 updates) took
+3 min wall (160 s training) on the 2-core machine while other jobs loaded it (load average 6-8),
+and reached 2.65 bits per byte on validation against a unigram entropy of 4.47.
 
 Exit status: 0 done; 2 bad input (one line on stderr, ``train_text.py: error: <message>``).
 """
