@@ -294,7 +294,7 @@ class Controller:
         first_step = plan.step_at_epoch(epoch)
         complete = step == plan.step_at_epoch(epoch + 1)
         logs.update(
-            learning_rate=plan.learning_rate_at_step(first_step),
+            learning_rate=self._learning_rate_at(first_step),
             global_batch_size=plan.batch_size_at_step(first_step),
             momentum=plan.phases[plan.phase_index(epoch)].momentum,
         )
@@ -324,6 +324,12 @@ class Controller:
         t.state.write("history.json", self.records)  # before the checkpoint that needs it
         t.state.save(t.iterations())
         return logs
+
+    def _learning_rate_at(self, step: int) -> float:
+        """The optimizer's learning rate at `step` (its schedule: the plan's or the user's)."""
+        inner = getattr(self.t.optimizer, "inner_optimizer", self.t.optimizer)
+        rate = inner._learning_rate  # noqa: SLF001 (the schedule object, not its value now)
+        return float(rate(step)) if callable(rate) else float(keras.ops.convert_to_numpy(rate))
 
     def _preempt(
         self, epoch: int, logs: dict[str, Any], start_step: int, step: int, examples: int,
