@@ -52,7 +52,14 @@ flags.DEFINE_float("base_learning_rate", _D.base_learning_rate, "LR per base_bat
 flags.DEFINE_integer("base_batch_size", _D.base_batch_size, "Reference batch of the base LR.")
 flags.DEFINE_integer("global_batch_size", _D.global_batch_size, "Initial global batch.")
 flags.DEFINE_integer("max_global_batch_size", None, "Batch cap (mode=hybrid).")
-flags.DEFINE_enum("scaling_rule", _D.scaling_rule, ["linear", "sqrt", "none"], "LR scaling.")
+flags.DEFINE_enum(
+    "scaling_rule", _D.scaling_rule, ["linear", "sqrt", "none", "auto"],
+    "LR scaling (auto: sqrt for adam/adamw/lamb, linear for sgd/lars).",
+)  # fmt: skip
+flags.DEFINE_list(
+    "rampup_batch_size", None,
+    "mode=rampup: start,increment,ramp_samples (Megatron's), e.g. 16,16,20000.",
+)  # fmt: skip
 flags.DEFINE_enum("warmup", _D.warmup, list(WARMUPS), "Warmup kind.")
 flags.DEFINE_float("warmup_epochs", _D.warmup_epochs, "Warmup length in epochs.")
 flags.DEFINE_enum("optimizer", _D.optimizer, list(OPTIMIZERS), "Optimizer.")
@@ -76,6 +83,8 @@ flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the step.")
 flags.DEFINE_enum("mixed_precision", None, ["mixed_float16", "mixed_bfloat16"], "Mixed precision.")
 flags.DEFINE_bool("measure_noise_scale", False, "Estimate the gradient noise scale B_simple.")
+flags.DEFINE_bool("measure_sharpness", False, "Record the final model's sharpness in results.")
+flags.DEFINE_integer("sharpness_max_examples", None, "Training examples the sharpness uses.")
 flags.DEFINE_integer("adaptive_factor", 2, "mode=adaptive: batch growth factor.")
 flags.DEFINE_enum(
     "adaptive_learning_rate_rule",
@@ -97,8 +106,19 @@ def config_from_flags() -> ExperimentConfig:
             f"Flag --decay_epochs must be a comma list of integers. "
             f"Received: --decay_epochs={','.join(FLAGS.decay_epochs)}"
         ) from None
+    rampup = None
+    if FLAGS.rampup_batch_size is not None:
+        try:
+            rampup = tuple(int(v) for v in FLAGS.rampup_batch_size)
+        except ValueError:
+            rampup = ()
+        if len(rampup) != 3:
+            raise ValueError(
+                "Flag --rampup_batch_size must be three integers start,increment,ramp_samples. "
+                f"Received: --rampup_batch_size={','.join(FLAGS.rampup_batch_size)}"
+            )
     fields = {f: FLAGS[f].value for f in ExperimentConfig.__dataclass_fields__ if f in FLAGS}
-    return ExperimentConfig(**{**fields, "decay_epochs": decay_epochs})
+    return ExperimentConfig(**{**fields, "decay_epochs": decay_epochs, "rampup_batch_size": rampup})
 
 
 def check_model_dir(model_dir: str) -> None:

@@ -360,8 +360,12 @@ def test_two_workers_agree_and_match_two_replica_mirrored(tmp_path):
         ["--optimizer=adam", "--base_learning_rate=0.001", "--scaling_rule=sqrt"],
         ["--optimizer=lars", "--base_learning_rate=2.0", "--weight_decay=1e-4"],
         ["--optimizer=sgd", "--nomomentum_correction", "--weight_decay=1e-4"],
+        ["--optimizer=adamw", "--base_learning_rate=0.003", "--scaling_rule=auto"],
+        ["--optimizer=lamb", "--base_learning_rate=0.01", "--mode=rampup",
+         "--rampup_batch_size=16,16,600", "--global_batch_size=64", "--warmup=none",
+         "--decay_epochs="],
     ],
-)
+)  # fmt: skip
 def test_optimizer_flags_train(tmp_path, args):
     run(f"--model_dir={tmp_path}", *QUICK, *args)
     assert results(tmp_path)["test_accuracy"] > 0.85  # measured 0.94 (adam, lars) at 6 epochs
