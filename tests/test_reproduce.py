@@ -504,3 +504,15 @@ def test_binaries_reject_bad_flags(tmp_path, binary, flag, message):
     proc = run_binary(binary, "--quick", flag, f"--output_dir={tmp_path}")
     assert proc.returncode != 0 and message in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_smith_binary_rejects_scaled_momentum_without_sgd(tmp_path):
+    proc = run_binary(
+        "reproduce_smith.py",
+        "--quick",
+        "--optimizer=adam",
+        "--modes=decay_lr,scaled_momentum",
+        f"--output_dir={tmp_path}",
+    )
+    assert proc.returncode != 0 and "needs --optimizer=sgd" in proc.stderr
+    assert not list(tmp_path.iterdir())
