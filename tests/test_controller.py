@@ -166,3 +166,25 @@ def test_killed_inside_the_ramp_resumes_from_the_last_checkpoint(data, tmp_path,
     assert again.results["parameter_updates"] == uninterrupted.results["parameter_updates"]
     for a, b in zip(uninterrupted.model.get_weights(), again.model.get_weights()):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_the_run_finishes(
+    data, tmp_path, uninterrupted, caplog
+):
+    import logging
+
+    run = trainer(tmp_path, "corrupt", checkpoint_every_steps=7)
+    run.train_step = Dying(run.train_step, 25)
+    with pytest.raises(RuntimeError, match="killed"):
+        run.fit(*data)
+    latest = tmp_path / "corrupt" / "ckpt" / "ckpt-21.data-00000-of-00001"
+    with open(latest, "rb+") as f:  # half of the newest checkpoint's data is lost
+        f.truncate(os.path.getsize(latest) // 2)
+    again = trainer(tmp_path, "corrupt", checkpoint_every_steps=7)
+    with caplog.at_level(logging.WARNING):
+        again.fit(*data)
+    assert any("Skipping unreadable checkpoint" in r.getMessage() for r in caplog.records)
+    assert any("resuming at epoch 1, step 14" in r.getMessage() for r in caplog.records)
+    assert again.results["parameter_updates"] == uninterrupted.results["parameter_updates"]
+    for a, b in zip(uninterrupted.model.get_weights(), again.model.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
