@@ -69,6 +69,9 @@ class Trainer:
     its compiled metrics and its optimizer, the plan's learning-rate schedule put in place of the
     optimizer's learning rate and the plan's momentum set on optimizers that have one. An
     uncompiled model is compiled with `loss`, `metrics` and ``optimizer_fn(schedule)``.
+    ``compile``'s ``steps_per_execution`` and ``jit_compile`` give way to the `TrainerConfig`'s
+    (``steps_per_execution``, ``jit_compile``); a model that overrides ``compute_loss`` is
+    called as ``model.fit`` calls it.
 
     Args:
       model_fn: builds the model (compiled or not); called inside ``strategy.scope()``.
