@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_largebatch._validation import _fail, check_positive_int
+from tf_largebatch.data import _permutation
 from tf_largebatch.phases import steps_per_epoch
 
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
@@ -62,13 +63,6 @@ def _replica_pieces(
 
 def _batch_size(batch: Any) -> tf.Tensor:
     return tf.shape(tf.nest.flatten(batch)[0], out_type=tf.int64)[0]
-
-
-def _permutation(num_examples: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
-    """π_e: argsort of N stateless int64 draws keyed by (seed, epoch) (as `data.py`)."""
-    key = tf.stack([tf.constant(seed, tf.int64), epoch])
-    draws = tf.random.stateless_uniform([num_examples], key, None, None, dtype=tf.int64)
-    return tf.argsort(draws, direction="DESCENDING", stable=True)
 
 
 def _element(x: Any, y: Any, sample_weight: Any) -> tuple[Any, ...]:
@@ -136,7 +130,7 @@ class ArraysSource:
             size = tf.constant(batch, tf.int64)
 
             def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
-                perm = _permutation(n, seed, epoch) if shuffle else tf.range(n, dtype=tf.int64)
+                perm = _permutation(n, seed, epoch, shuffle)  # the same π_e as data.py
                 first = tf.where(epoch == start_epoch, tf.constant(offset, tf.int64), 0)
                 starts = tf.data.Dataset.range(first, n - batch + 1, batch)
                 return starts.flat_map(
