@@ -85,6 +85,19 @@ flags.DEFINE_enum("mixed_precision", None, ["mixed_float16", "mixed_bfloat16"], 
 flags.DEFINE_bool("measure_noise_scale", False, "Estimate the gradient noise scale B_simple.")
 flags.DEFINE_bool("measure_sharpness", False, "Record the final model's sharpness in results.")
 flags.DEFINE_integer("sharpness_max_examples", None, "Training examples the sharpness uses.")
+flags.DEFINE_float(
+    "sharpness_perturbation_size", _D.sharpness_perturbation_size,
+    "Sharpness: relative size |delta|/|w| of the random weight perturbations.",
+)  # fmt: skip
+flags.DEFINE_integer(
+    "sharpness_num_perturbations", _D.sharpness_num_perturbations,
+    "Sharpness: random perturbations averaged.",
+)  # fmt: skip
+flags.DEFINE_string(
+    "plan", None,
+    "Train this JSON PhasePlan instead of the recipe flags' (plan.json, or the report of "
+    "examples/plan_cluster.py --output: its recommendation).",
+)  # fmt: skip
 flags.DEFINE_integer("adaptive_factor", 2, "mode=adaptive: batch growth factor.")
 flags.DEFINE_enum(
     "adaptive_learning_rate_rule",
@@ -118,7 +131,10 @@ def config_from_flags() -> ExperimentConfig:
                 f"Received: --rampup_batch_size={','.join(FLAGS.rampup_batch_size)}"
             )
     fields = {f: FLAGS[f].value for f in ExperimentConfig.__dataclass_fields__ if f in FLAGS}
-    return ExperimentConfig(**{**fields, "decay_epochs": decay_epochs, "rampup_batch_size": rampup})
+    return ExperimentConfig(
+        **{**fields, "decay_epochs": decay_epochs, "rampup_batch_size": rampup,
+           "plan_path": FLAGS.plan}
+    )  # fmt: skip
 
 
 def check_model_dir(model_dir: str) -> None:

@@ -70,6 +70,13 @@ class ExperimentConfig:
       measure_sharpness: measure the final model's sharpness on the training set
         (`sharpness.sharpness`) into ``results["sharpness"]``.
       sharpness_max_examples: examples the sharpness measurement uses (None: all).
+      sharpness_perturbation_size: relative size ‖δ‖/‖w‖ of the random weight perturbations
+        of the sharpness measurement (``perturbed_loss_increase``).
+      sharpness_num_perturbations: random perturbations averaged.
+      plan_path: a JSON `PhasePlan` to train instead of the one made from the recipe flags:
+        ``PhasePlan.to_dict()`` (``plan.json``'s ``current``), or the report of
+        ``examples/plan_cluster.py --output`` (its ``recommendation.plan``). The data set must
+        have the plan's ``dataset_size`` examples.
     """
 
     dataset: str = "digits"
@@ -110,6 +117,9 @@ class ExperimentConfig:
     rampup_batch_size: Sequence[int] | None = None
     measure_sharpness: bool = False
     sharpness_max_examples: int | None = None
+    sharpness_perturbation_size: float = 1e-3
+    sharpness_num_perturbations: int = 5
+    plan_path: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, EXPERIMENT_MODES)
@@ -128,8 +138,49 @@ class ExperimentConfig:
         return self.scaling_rule
 
 
+def read_plan(path: str) -> PhasePlan:
+    """A `PhasePlan` from JSON: ``PhasePlan.to_dict()``, ``plan.json`` (its ``current``) or a
+    ``plan_cluster.py`` report (its ``recommendation.plan``).
+
+    Raises:
+      ValueError: the file holds none of these.
+    """
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        value = json.load(f)
+    for key in ("recommendation", "current"):
+        if isinstance(value, dict) and key in value:
+            value = value[key]
+    if isinstance(value, dict) and "plan" in value and "phases" not in value:
+        value = value["plan"]
+    if not isinstance(value, dict) or "phases" not in value:
+        raise ValueError(
+            f"Argument `plan_path` must name a JSON PhasePlan (PhasePlan.to_dict(), plan.json "
+            f"or a plan_cluster.py report). Received: plan_path={path!r} without 'phases'"
+        )
+    try:
+        return PhasePlan.from_dict(value)
+    except (KeyError, TypeError) as error:
+        raise ValueError(
+            f"Argument `plan_path`: {path!r} is not a valid PhasePlan ({error!r})"
+        ) from error
+
+
 def make_plan(config: ExperimentConfig, dataset_size: int) -> PhasePlan:
-    """The `PhasePlan` of a config for a data set of `dataset_size` examples."""
+    """The `PhasePlan` of a config for a data set of `dataset_size` examples.
+
+    Raises:
+      ValueError: ``plan_path``'s plan is for another data set size.
+    """
+    if config.plan_path is not None:
+        plan = read_plan(config.plan_path)
+        if plan.dataset_size != dataset_size:
+            raise ValueError(
+                f"Argument `plan_path`: the plan in {config.plan_path!r} is for dataset_size="
+                f"{plan.dataset_size}, but the data set has {dataset_size} training examples."
+            )
+        return plan
     plan = plan_phases(
         "decay_lr" if config.mode == "adaptive" else config.mode,
         dataset_size=dataset_size,
@@ -249,6 +300,8 @@ def run_experiment(config: ExperimentConfig, *, on_plan: Any = None) -> dict[str
         results["sharpness"] = sharpness(
             trainer.model, arrays.x_train, arrays.y_train, strategy=strategy,
             seed=config.seed, max_examples=config.sharpness_max_examples,
+            perturbation_size=config.sharpness_perturbation_size,
+            num_perturbations=config.sharpness_num_perturbations,
         )  # fmt: skip
     trainer.state.write("results.json", results)
     return results
