@@ -12,7 +12,14 @@ import sys
 
 import pytest
 
-from tf_largebatch import goodput
+from tf_largebatch import (
+    goodput,
+    goodput_allreduce,
+    goodput_efficiency,
+    goodput_goyal,
+    goodput_search,
+    goodput_throughput,
+)
 from tf_largebatch.goodput import (
     INTERCONNECTS,
     Cluster,
@@ -425,11 +432,35 @@ def test_goodput_imports_no_tensorflow():
     assert result.stdout.strip() == "0.8563"
 
 
+GOODPUT_MODULES = (
+    goodput_allreduce,
+    goodput_throughput,
+    goodput_efficiency,
+    goodput_search,
+    goodput_goyal,
+)
+
+
 def test_docstring_examples():
     import doctest
 
-    result = doctest.testmod(goodput)
-    assert result.attempted >= 12 and result.failed == 0
+    results = [doctest.testmod(module) for module in GOODPUT_MODULES]
+    assert sum(r.attempted for r in results) >= 12 and sum(r.failed for r in results) == 0
+
+
+def test_goodput_exports_every_public_name_of_its_modules():
+    """`tf_largebatch.goodput.X` keeps working for everything the split modules define."""
+    for module in GOODPUT_MODULES:
+        defined = {
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and (getattr(value, "__module__", None) == module.__name__ or name.isupper())
+        }
+        assert defined <= set(goodput.__all__), module.__name__
+        for name in defined:
+            assert getattr(goodput, name) is getattr(module, name)
+    assert sorted(goodput.__all__) == sorted(set(goodput.__all__))
 
 
 def test_goyal_iteration_and_epoch_times_against_the_paper():
