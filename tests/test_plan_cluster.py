@@ -208,3 +208,30 @@ def test_binary_measures_end_to_end(tmp_path):
     assert 10 < report["noise_scale"] < 1437  # B_simple of the digits MLP is ~190
     for row in report["validation"]:
         assert abs(row["relative_error"]) < 1.0, row
+
+
+_NO_TF_IMPORT = """
+import sys, types
+sys.modules["tensorflow"] = None  # any `import tensorflow` / `import keras` now fails
+sys.modules["keras"] = None
+stub = types.ModuleType("tf_largebatch")  # the real __init__ registers Keras objects
+stub.__path__ = [sys.argv[1]]
+sys.modules["tf_largebatch"] = stub
+from tf_largebatch import goodput_local, goodput_measure, goodput_probes
+print(goodput_measure.fit_local is goodput_local.fit_local,
+      goodput_measure.time_train_step is goodput_probes.time_train_step,
+      goodput_measure.measure_noise_scale is goodput_probes.measure_noise_scale)
+"""
+
+
+def test_measuring_helper_imports_no_tensorflow():
+    """`goodput_measure` and the modules it is split into load with TensorFlow unimportable."""
+    package_dir = os.path.dirname(goodput_measure.__file__)
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_TF_IMPORT, package_dir],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "True"]

@@ -1,20 +1,20 @@
 """Measures what the goodput model needs: step times t(b) and the gradient noise scale B_simple.
 
-Two measurements feed `tf_largebatch.goodput`:
+Two measurements feed `tf_largebatch.goodput` (both defined in `tf_largebatch.goodput_probes`
+and re-exported here):
 
 - `time_train_step`: seconds per synchronous SGD step of a model at several per-replica
-  batches, under a strategy (one device, N logical CPU devices, or N workers). The timed step is
-  one compiled ``tf.function`` running ``steps_per_call`` steps of ``strategy.run`` (forward,
-  loss over the global batch, gradients, Keras's all-reduce inside ``apply_gradients``, SGD
-  update) on batches gathered from tensors in memory, so no input pipeline is timed.
+  batches, under a strategy (one device, N logical CPU devices, or N workers), with no input
+  pipeline timed.
 - `measure_noise_scale`: B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, App. A.1) after a short
-  training run, from the mean squared norm of small-batch gradients and the squared norm of their
-  average (`tf_largebatch.noise.gradient_noise_components`).
+  training run.
 
 Logical CPU devices and ``MultiWorkerMirroredStrategy`` must be configured before TensorFlow
 starts, so every configuration is measured in its own process: `measure_in_subprocess` runs
 ``python -m tf_largebatch.goodput_measure`` (one process) or, with ``num_workers > 1``, the same
 module under ``python -m tf_largebatch.launch``; each process prints ``RESULT {json}``.
+`measure_local` measures every configuration of `LOCAL_CONFIGS` and B_simple; `fit_local`
+(`tf_largebatch.goodput_local`, re-exported here) fits and checks the model on them.
 TensorFlow is imported inside the measuring functions, so importing this module (and calling the
 subprocess helpers) starts no TensorFlow runtime.
 
@@ -25,271 +25,36 @@ References:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from tf_largebatch._validation import check_positive_int
+from tf_largebatch.goodput_local import (
+    LOCAL_CONFIGS,
+    LOOPBACK_BYTES_PER_SECOND,
+    SHARED_MEMORY_BYTES_PER_SECOND,
+    fit_local,
+)
+from tf_largebatch.goodput_probes import measure_noise_scale, time_train_step
+
+__all__ = [
+    "LOCAL_CONFIGS",
+    "LOOPBACK_BYTES_PER_SECOND",
+    "RESULT_PREFIX",
+    "SHARED_MEMORY_BYTES_PER_SECOND",
+    "fit_local",
+    "main",
+    "measure_in_subprocess",
+    "measure_local",
+    "measure_noise_scale",
+    "time_train_step",
+]
 
 RESULT_PREFIX = "RESULT "
-
-
-def _load(model: str, dataset: str, seed: int, strategy: Any = None) -> tuple[Any, Any, Any, Any]:
-    import tensorflow as tf
-
-    from tf_largebatch import data, models
-
-    arrays = data.load_data(dataset)
-    name = models.resolve_model_name(model, arrays.input_shape)
-    scope = strategy.scope() if strategy is not None else _NullScope()
-    with scope:
-        net = models.build_model(name, arrays.input_shape, arrays.num_classes, seed=seed)
-    x = tf.constant(arrays.x_train)
-    y = tf.constant(arrays.y_train)
-    return net, x, y, arrays
-
-
-class _NullScope:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def time_train_step(
-    per_replica_batch_sizes: Sequence[int],
-    *,
-    model: str = "mlp",
-    dataset: str = "digits",
-    strategy: str = "one_device",
-    num_cpu_devices: int | None = None,
-    intra_op_threads: int | None = 1,
-    inter_op_threads: int | None = None,
-    steps_per_call: int = 10,
-    repeats: int = 30,
-    learning_rate: float = 0.01,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Times synchronous SGD steps at several per-replica batches under one strategy.
-
-    For each per-replica batch b the compiled call runs ``steps_per_call`` steps; it is called
-    once to trace and warm up, then ``repeats`` rounds call every batch size in turn, and the
-    fastest call's time per step is
-    kept: on a shared machine the minimum is the least disturbed estimate (as `timeit` advises),
-    and fit and validation use the same statistic.
-
-    Args:
-      per_replica_batch_sizes: the per-replica batches b to time.
-      model: a `tf_largebatch.models` name (``"mlp"``, ``"cnn"``, ...; ``"auto"``).
-      dataset: a `tf_largebatch.data.load_data` name.
-      strategy: ``"one_device"``, ``"mirrored"`` or ``"multi_worker"``.
-      num_cpu_devices: split the CPU into this many logical devices first (None: as is).
-      intra_op_threads: TensorFlow's threads inside one op (None: TensorFlow's default). 1 by
-        default: the small ops of a small model gain nothing from splitting, and every
-        configuration then uses the same threads, so on a machine shared with other jobs a
-        configuration with more replicas does not win more CPU time just by having more threads.
-      inter_op_threads: ops run concurrently, e.g. the replicas' (None: ``os.cpu_count()``).
-      steps_per_call: steps per compiled call.
-      repeats: timed calls per batch size.
-      learning_rate: SGD learning rate (the value does not change the timing).
-      seed: initialisation seed.
-
-    Returns:
-      ``{"num_replicas", "num_parameters", "gradient_bytes", "strategy", "measurements":
-      [{"per_replica_batch_size", "seconds_per_step", "examples_per_second"}, ...]}`` where
-      examples per second count the global batch (b × replicas).
-
-    Raises:
-      ValueError: a batch size, ``steps_per_call`` or ``repeats`` is not a positive integer.
-    """
-    for b in per_replica_batch_sizes:
-        check_positive_int("per_replica_batch_sizes", b)
-    check_positive_int("steps_per_call", steps_per_call)
-    check_positive_int("repeats", repeats)
-    import tensorflow as tf
-
-    from tf_largebatch import distribute
-
-    if intra_op_threads is not None:
-        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
-    tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads or os.cpu_count() or 1)
-    if num_cpu_devices is not None:
-        distribute.configure_cpu_devices(num_cpu_devices)
-    strat = distribute.make_strategy(strategy)  # before any other TensorFlow op
-    import keras
-
-    net, x, y, arrays = _load(model, dataset, seed, strat)
-    replicas = strat.num_replicas_in_sync
-    with strat.scope():
-        optimizer = keras.optimizers.SGD(learning_rate)
-        optimizer.build(net.trainable_variables)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-    n = int(x.shape[0])
-
-    def make_call(per_replica: int) -> Any:
-        global_batch = per_replica * replicas
-
-        def replica_step() -> tf.Tensor:
-            idx = tf.random.uniform([per_replica], 0, n, dtype=tf.int32)
-            xb, yb = tf.gather(x, idx), tf.gather(y, idx)
-            with tf.GradientTape() as tape:
-                loss = tf.nn.compute_average_loss(
-                    loss_fn(yb, net(xb, training=True)), global_batch_size=global_batch
-                )
-            grads = tape.gradient(loss, net.trainable_variables)
-            optimizer.apply_gradients(zip(grads, net.trainable_variables))
-            return loss
-
-        @tf.function
-        def call() -> tf.Tensor:
-            total = tf.constant(0.0)
-            for _ in tf.range(steps_per_call):
-                per = strat.run(replica_step)
-                total += strat.reduce(tf.distribute.ReduceOp.SUM, per, axis=None)
-            return total
-
-        return call
-
-    calls = [make_call(int(b)) for b in per_replica_batch_sizes]
-    for call in calls:
-        call().numpy()  # trace and warm up
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(repeats):  # round robin: a burst of load hits every batch size alike
-        for call, row in zip(calls, times):
-            start = time.perf_counter()
-            call().numpy()
-            row.append((time.perf_counter() - start) / steps_per_call)
-    measurements = []
-    for b, row in zip(per_replica_batch_sizes, times):
-        seconds = min(row)
-        measurements.append(
-            {
-                "per_replica_batch_size": int(b),
-                "seconds_per_step": seconds,
-                "examples_per_second": b * replicas / seconds,
-            }
-        )
-    num_parameters = int(sum(v.numpy().size for v in net.trainable_variables))
-    return {
-        "strategy": strategy,
-        "num_cpu_devices": num_cpu_devices,
-        "num_replicas": replicas,
-        "num_parameters": num_parameters,
-        "gradient_bytes": 4 * num_parameters,
-        "measurements": measurements,
-    }
-
-
-def measure_noise_scale(
-    *,
-    model: str = "mlp",
-    dataset: str = "digits",
-    train_steps: int = 200,
-    train_batch_size: int = 32,
-    learning_rate: float = 0.05,
-    small_batch_size: int = 32,
-    num_small_batches: int = 16,
-    rounds: int = 8,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Estimates B_simple = tr(Σ)/|G|² on one device after a short SGD run.
-
-    After ``train_steps`` SGD steps (batch ``train_batch_size``), each round draws
-    ``num_small_batches`` batches of b = ``small_batch_size`` examples, computes their mean
-    gradients g_i, and takes |G_small|² = mean_i |g_i|² and |G_big|² = |mean_i g_i|² (a batch of
-    B = b × ``num_small_batches``). The unbiased estimates of |G|² and tr(Σ) (McCandlish et al.
-    App. A.1) are averaged over ``rounds`` before taking their ratio, as the paper advises.
-
-    Args:
-      model: a `tf_largebatch.models` name.
-      dataset: a `tf_largebatch.data.load_data` name.
-      train_steps: SGD steps before measuring (the noise scale grows as training proceeds).
-      train_batch_size: batch of those steps.
-      learning_rate: SGD learning rate of those steps.
-      small_batch_size: b.
-      num_small_batches: B/b, at least 2.
-      rounds: independent estimates averaged.
-      seed: initialisation and sampling seed.
-
-    Returns:
-      ``{"noise_scale": B_simple, "gradient_sq_norm": |G|², "trace": tr(Σ),
-      "train_steps", "small_batch_size", "big_batch_size"}``.
-
-    Raises:
-      ValueError: a count is not a positive integer, or ``num_small_batches`` < 2.
-    """
-    for name, value in (
-        ("train_steps", train_steps),
-        ("train_batch_size", train_batch_size),
-        ("small_batch_size", small_batch_size),
-        ("num_small_batches", num_small_batches),
-        ("rounds", rounds),
-    ):
-        check_positive_int(name, value)
-    if num_small_batches < 2:
-        raise ValueError(
-            "Argument `num_small_batches` must be >= 2. "
-            f"Received: num_small_batches={num_small_batches}"
-        )
-    import keras
-    import tensorflow as tf
-
-    from tf_largebatch.noise import gradient_noise_components
-
-    tf.random.set_seed(seed)
-    net, x, y, _ = _load(model, dataset, seed)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    optimizer = keras.optimizers.SGD(learning_rate)
-    n = int(x.shape[0])
-    variables = net.trainable_variables
-
-    def batch_grads(size: int) -> list[tf.Tensor]:
-        idx = tf.random.uniform([size], 0, n, dtype=tf.int32)
-        with tf.GradientTape() as tape:
-            loss = loss_fn(tf.gather(y, idx), net(tf.gather(x, idx), training=True))
-        return tape.gradient(loss, variables)
-
-    @tf.function
-    def train() -> None:
-        for _ in tf.range(train_steps):
-            optimizer.apply_gradients(zip(batch_grads(train_batch_size), variables))
-
-    @tf.function
-    def components() -> tuple[tf.Tensor, tf.Tensor]:
-        sums = [tf.zeros_like(v) for v in variables]
-        small_sq = tf.constant(0.0)
-        for _ in range(num_small_batches):
-            g = batch_grads(small_batch_size)
-            small_sq += tf.add_n([tf.reduce_sum(t * t) for t in g])
-            sums = [s + t for s, t in zip(sums, g)]
-        big_sq = tf.add_n([tf.reduce_sum((s / num_small_batches) ** 2) for s in sums])
-        return small_sq / num_small_batches, big_sq
-
-    train()
-    big_batch = small_batch_size * num_small_batches
-    g2s, traces = [], []
-    for _ in range(rounds):
-        small_sq, big_sq = (float(t) for t in components())
-        g2, trace = gradient_noise_components(small_sq, big_sq, small_batch_size, big_batch)
-        g2s.append(g2)
-        traces.append(trace)
-    g2, trace = statistics.fmean(g2s), statistics.fmean(traces)
-    return {
-        "dataset_size": n,
-        "noise_scale": trace / g2,
-        "gradient_sq_norm": g2,
-        "trace": trace,
-        "train_steps": train_steps,
-        "small_batch_size": small_batch_size,
-        "big_batch_size": big_batch,
-    }
 
 
 def _parse_result(output: str, prefix: str = "") -> list[dict[str, Any]]:
@@ -377,19 +142,6 @@ def measure_in_subprocess(
     return {**results[0], "num_workers": num_workers}
 
 
-# Local links: only their latency is fitted; bandwidths are order-of-magnitude assumptions (the
-# digits MLP's 38 KB of gradients make the bandwidth term a few percent of the step at most).
-SHARED_MEMORY_BYTES_PER_SECOND = 10e9  # memcpy between logical devices of one process
-LOOPBACK_BYTES_PER_SECOND = 1e9  # gRPC over 127.0.0.1 between worker processes
-
-LOCAL_CONFIGS = (
-    {"name": "1 device", "num_workers": 1, "num_cpu_devices": 1},
-    {"name": "2 devices", "num_workers": 1, "num_cpu_devices": 2},
-    {"name": "4 devices", "num_workers": 1, "num_cpu_devices": 4},
-    {"name": "2 workers", "num_workers": 2, "num_cpu_devices": 1},
-)
-
-
 def measure_local(
     per_replica_batch_sizes: Sequence[int],
     *,
@@ -452,79 +204,6 @@ def measure_local(
         "gradient_bytes": measured[0]["gradient_bytes"],
         "configs": measured,
         "noise_scale": results[0],
-    }
-
-
-def fit_local(measurements: dict[str, Any]) -> dict[str, Any]:
-    """Fits the local model on a subset of the measurements and predicts all of them.
-
-    Fitted on: t(b) = α + β·b from ``1 device`` (every batch); compute slots c and the
-    shared-memory latency from ``2 devices`` (every batch, `goodput.fit_shared_host`); the
-    loopback latency from ``2 workers`` at its smallest batch only (`goodput.fit_link_latency`).
-    Held out: ``4 devices`` and ``2 workers`` at the other batches. Pure arithmetic.
-
-    Args:
-      measurements: the `measure_local` dict.
-
-    Returns:
-      ``{"step_time": {...}, "compute_slots", "shared_memory_latency_seconds",
-      "loopback_latency_seconds", "validation": [{"config", "per_replica_batch_size",
-      "predicted_examples_per_second", "measured_examples_per_second", "relative_error",
-      "used_for_fit"}]}``, relative error = predicted/measured − 1.
-    """
-    from tf_largebatch import goodput
-
-    by_name = {c["name"]: c for c in measurements["configs"]}
-    num_bytes = measurements["gradient_bytes"]
-
-    def columns(name: str) -> tuple[list[int], list[float]]:
-        rows = by_name[name]["measurements"]
-        return [r["per_replica_batch_size"] for r in rows], [r["seconds_per_step"] for r in rows]
-
-    step_time = goodput.fit_step_time(*columns("1 device"))
-    b2, t2 = columns("2 devices")
-    slots, shared = goodput.fit_shared_host(
-        step_time, [2] * len(b2), b2, t2, num_bytes, SHARED_MEMORY_BYTES_PER_SECOND
-    )
-    loopback = goodput.Link(LOOPBACK_BYTES_PER_SECOND, 0.0)
-    two_workers = goodput.Cluster(2, network=loopback, topology="ring", compute_slots=slots)
-    bw, tw = columns("2 workers")
-    first = bw.index(min(bw))
-    loopback = goodput.fit_link_latency(step_time, two_workers, [bw[first]], [tw[first]], num_bytes)
-    fit_points = {("1 device", b) for b in columns("1 device")[0]}
-    fit_points |= {("2 devices", b) for b in b2} | {("2 workers", bw[first])}
-    validation = []
-    for config in measurements["configs"]:
-        cluster = goodput.Cluster(
-            config["num_workers"],
-            config["num_cpu_devices"],
-            network=loopback,
-            intra=shared,
-            topology="ring",
-            compute_slots=slots,
-        )
-        for row in config["measurements"]:
-            b = row["per_replica_batch_size"]
-            predicted = goodput.examples_per_second(
-                step_time, cluster, b * cluster.num_replicas, num_bytes
-            )
-            measured = row["examples_per_second"]
-            validation.append(
-                {
-                    "config": config["name"],
-                    "per_replica_batch_size": b,
-                    "predicted_examples_per_second": predicted,
-                    "measured_examples_per_second": measured,
-                    "relative_error": predicted / measured - 1.0,
-                    "used_for_fit": (config["name"], b) in fit_points,
-                }
-            )
-    return {
-        "step_time": dataclasses.asdict(step_time),
-        "compute_slots": slots,
-        "shared_memory_latency_seconds": shared.latency_seconds,
-        "loopback_latency_seconds": loopback.latency_seconds,
-        "validation": validation,
     }
 
 
