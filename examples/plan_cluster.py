@@ -3,6 +3,7 @@ r"""Plan a cluster before paying for it: goodput = examples/s × statistical eff
   python examples/plan_cluster.py                                  # digits MLP, 2-4 min
   python examples/plan_cluster.py --measurements=/tmp/plan/measurements.json  # no measuring
   python examples/plan_cluster.py --budget_devices=8 --network=25gbe --plot=/tmp/plan.png
+  python examples/plan_cluster.py --plan_output=/tmp/plan/plan.json  # then: train.py --plan=...
   python examples/plan_cluster.py --goyal_only                     # Goyal et al.'s 8 -> 256 GPUs
 
 Measures (each local configuration in its own process) the step time t(b) = α + β·b of the model
@@ -10,7 +11,9 @@ and its gradient noise scale B_simple, fits the local interconnect on part of th
 and checks the predictions on the rest (1, 2, 4 logical CPU devices and 2 localhost workers),
 then predicts examples/s, scaling efficiency and time to target over a grid of (workers, global
 batch, accumulation) for hosts like this one on ``--network``, recommends the fastest that fits
-the budget and prints the ``examples/train.py`` command that trains it. See docs/GOODPUT.md.
+the budget and prints the ``examples/train.py`` command that trains it: with ``--plan_output``
+the recommended `PhasePlan` is written as JSON and the command is ``examples/train.py
+--plan=PATH`` with the planned model and data set. See docs/GOODPUT.md.
 """
 
 import os
@@ -19,14 +22,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import dataclasses
 import json
+import shlex
 import sys
 
 from absl import app, flags
 
 from tf_largebatch import goodput, goodput_measure
 
-flags.DEFINE_string("model", "mlp", "Model name (tf_largebatch.models).")
-flags.DEFINE_string("dataset", "digits", "Data set (digits offline, a TFDS name, npz:PATH).")
+flags.DEFINE_string(
+    "model", None, "Model name (tf_largebatch.models); default: the measurements', else mlp."
+)
+flags.DEFINE_string(
+    "dataset", None, "Data set (digits, a TFDS name, npz:PATH); default: the measurements', else "
+    "digits.",
+)  # fmt: skip
 flags.DEFINE_string("measurements", None, "Read measurements from this JSON instead of timing.")
 flags.DEFINE_list("per_replica_batch_sizes", ["16", "64", "256"], "Per-replica batches timed.")
 flags.DEFINE_integer("steps_per_call", 10, "Timed steps per compiled call.")
@@ -51,6 +60,9 @@ flags.DEFINE_integer("base_batch_size", 32, "Reference batch of the base learnin
 flags.DEFINE_bool("goyal_only", False, "Only print the Goyal et al. setup prediction.")
 flags.DEFINE_string("plot", None, "Write a PNG of the grid here.")
 flags.DEFINE_string("output", None, "Write the JSON report here.")
+flags.DEFINE_string(
+    "plan_output", None, "Write the recommended PhasePlan here (JSON for train.py --plan)."
+)
 FLAGS = flags.FLAGS
 
 
@@ -59,6 +71,8 @@ class PlanConfig:
     """What to measure and what to plan.
 
     Attributes:
+      model, dataset: what to measure (None: ``"mlp"``, ``"digits"``); with ``measurements``,
+        None or the model and data set they were taken of.
       measurements: JSON from a previous run (its ``measurements`` field) or None to measure.
       per_replica_batch_sizes: batches timed in every local configuration.
       steps_per_call, repeats, rounds: timing (`goodput_measure.measure_local`).
@@ -68,10 +82,11 @@ class PlanConfig:
       noise_scale: B_noise override.
       target_epochs, reference_batch_size: a run known to reach the target.
       base_learning_rate, base_batch_size: learning rate of the recommended plan.
+      plan_output: where the recommended plan is written (the train.py command reads it).
     """
 
-    model: str
-    dataset: str
+    model: str | None
+    dataset: str | None
     measurements: str | None
     per_replica_batch_sizes: tuple[int, ...]
     steps_per_call: int
@@ -89,6 +104,7 @@ class PlanConfig:
     reference_batch_size: int
     base_learning_rate: float
     base_batch_size: int
+    plan_output: str | None = None
 
 
 def config_from_flags() -> PlanConfig:
@@ -120,6 +136,7 @@ def config_from_flags() -> PlanConfig:
         reference_batch_size=FLAGS.reference_batch_size,
         base_learning_rate=FLAGS.base_learning_rate,
         base_batch_size=FLAGS.base_batch_size,
+        plan_output=FLAGS.plan_output,
     )
 
 
@@ -158,11 +175,19 @@ def plan(config: PlanConfig, on_measured=None) -> dict:
         with open(config.measurements) as f:
             measured = json.load(f)
         measured = measured.get("measurements", measured)
+        for name in ("model", "dataset"):
+            wanted, taken = getattr(config, name), measured.get(name)
+            if wanted is not None and taken is not None and wanted != taken:
+                raise ValueError(
+                    f"Flag --{name} must match the measurements' {name} {taken!r} (the plan is "
+                    f"for what was measured). Received: --{name}={wanted} with "
+                    f"--measurements={config.measurements}"
+                )
     else:
         measured = goodput_measure.measure_local(
             config.per_replica_batch_sizes,
-            model=config.model,
-            dataset=config.dataset,
+            model=config.model or "mlp",
+            dataset=config.dataset or "digits",
             steps_per_call=config.steps_per_call,
             repeats=config.repeats,
             rounds=config.rounds,
@@ -204,32 +229,47 @@ def plan(config: PlanConfig, on_measured=None) -> dict:
         "min_examples": min_examples,
         "grid": [p.to_dict() for p in points],
         "recommendation": {**best.to_dict(), "plan": phase_plan.to_dict()},
-        "train_command": train_command(best, phase_plan, config),
+        "plan_output": config.plan_output,
+        "train_command": train_command(best, phase_plan, config, measured),
         "goyal_scaling_efficiency": goodput.goyal_scaling_efficiency(),
     }
 
 
-def train_command(point: goodput.GridPoint, phase_plan, config: PlanConfig) -> str:
-    """The ``examples/train.py`` command that runs the recommended plan (on this machine)."""
-    args = [
-        f"--model={config.model}",
-        f"--dataset={config.dataset}",
-        "--mode=decay_lr",
-        "--decay_epochs=",
-        f"--epochs={phase_plan.epochs}",
-        f"--global_batch_size={point.global_batch_size}",
-        f"--max_per_replica_batch_size={point.per_replica_batch_size}",
-        f"--base_learning_rate={config.base_learning_rate}",
-        f"--base_batch_size={config.base_batch_size}",
-        "--warmup=none",
-    ]
+def train_command(
+    point: goodput.GridPoint, phase_plan, config: PlanConfig, measured: dict | None = None
+) -> str:
+    """The ``examples/train.py`` command that runs the recommended plan (on this machine, from
+    the current directory).
+
+    With ``config.plan_output`` it trains that file (``--plan=PATH``); otherwise the recipe
+    flags that make the same plan. Model and data set are the measured ones, and the
+    micro-batch m is ``--max_per_replica_batch_size`` (the Trainer accumulates B/(n·m) of them).
+    """
+    measured = measured or {}
+    model = measured.get("model") or config.model or "mlp"
+    dataset = measured.get("dataset") or config.dataset or "digits"
+    args = [f"--model={model}", f"--dataset={dataset}"]
+    if config.plan_output:
+        args.append(f"--plan={config.plan_output}")
+    else:
+        args += [
+            "--mode=decay_lr",
+            "--decay_epochs=",
+            f"--epochs={phase_plan.epochs}",
+            f"--global_batch_size={point.global_batch_size}",
+            f"--base_learning_rate={config.base_learning_rate}",
+            f"--base_batch_size={config.base_batch_size}",
+            "--warmup=none",
+        ]
+    args.append(f"--max_per_replica_batch_size={point.per_replica_batch_size}")
     if point.devices_per_worker > 1:
         args += ["--strategy=mirrored" if point.workers == 1 else "--strategy=multi_worker"]
         args += [f"--num_cpu_devices={point.devices_per_worker}"]
+    train = shlex.quote(os.path.relpath(os.path.join(os.path.dirname(__file__), "train.py")))
     if point.workers > 1:
         launch = f"python -m tf_largebatch.launch --num_workers={point.workers} -- "
-        return launch + "examples/train.py --strategy=multi_worker " + " ".join(args)
-    return "python examples/train.py " + " ".join(args)
+        return launch + f"{train} --strategy=multi_worker " + shlex.join(args)
+    return f"python {train} " + shlex.join(args)
 
 
 def print_report(report: dict) -> None:
@@ -266,6 +306,8 @@ def print_report(report: dict) -> None:
         f"global batch {r['global_batch_size']}, accumulation {r['accumulation_steps']}: "
         f"{r['examples_per_second']:,.0f} ex/s, {r['time_to_target_seconds']:.3g} s to target"
     )
+    if report.get("plan_output"):
+        print(f"Plan: {report['plan_output']}")
     print("Train it:", report["train_command"])
     print(f"Goyal et al. 8 -> 256 GPUs (model): {report['goyal_scaling_efficiency']:.1%}")
 
@@ -305,6 +347,9 @@ def main(argv):
             report = plan(config_from_flags(), on_measured=write_json)
         except ValueError as e:
             sys.exit(f"plan_cluster.py: error: {e}")
+        if FLAGS.plan_output:
+            with open(FLAGS.plan_output, "w") as f:
+                json.dump(report["recommendation"]["plan"], f, indent=1)
         print_report(report)
         if FLAGS.plot:
             plot(report, FLAGS.plot)

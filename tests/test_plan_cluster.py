@@ -2,11 +2,14 @@
 
 The fit/validate arithmetic is checked on a synthetic machine whose parameters are known; the
 binary runs end to end from a measurements file (no timing) and, in a slow test, measuring
-real steps in subprocesses (1, 2, 4 logical devices and 2 localhost workers).
+real steps in subprocesses (1, 2, 4 logical devices and 2 localhost workers). Its recommended
+plan (``--plan_output``) is read back by `experiment.read_plan` and trained by the printed
+``examples/train.py --plan=...`` command.
 """
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -15,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from tf_largebatch import goodput, goodput_measure
-from tf_largebatch.experiment import ExperimentConfig, make_plan
+from tf_largebatch.experiment import ExperimentConfig, make_plan, read_plan
+from tf_largebatch.phases import plan_phases
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = str(ROOT / "examples" / "plan_cluster.py")
+TRAIN = str(ROOT / "examples" / "train.py")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 MLP_DIGITS_PARAMETERS = 64 * 128 + 128 + 128 * 10 + 10  # Flatten(8x8) → Dense(128) → Dense(10)
 
@@ -235,3 +240,190 @@ def test_measuring_helper_imports_no_tensorflow():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True", "True"]
+
+
+# --- The recommended plan: --plan_output, experiment.read_plan, train.py --plan -------------
+
+
+def _plan_to_file(tmp_path, *extra):
+    """plan_cluster.py on the synthetic measurements with --plan_output; (report, plan path)."""
+    measurements = tmp_path / "m.json"
+    measurements.write_text(json.dumps(synthetic_measurements()))
+    out, plan_path = tmp_path / "report.json", tmp_path / "plan.json"
+    proc = _run(
+        f"--measurements={measurements}",
+        f"--output={out}",
+        f"--plan_output={plan_path}",
+        "--budget_devices=1",
+        *extra,
+    )
+    assert f"Plan: {plan_path}" in proc.stdout
+    report = json.loads(out.read_text())
+    assert f"Train it: {report['train_command']}" in proc.stdout
+    return report, plan_path
+
+
+def _command_flags(command):
+    args = shlex.split(command)
+    return args, dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+
+
+def test_plan_output_is_the_recommendation_and_the_command_names_it(tmp_path):
+    report, plan_path = _plan_to_file(tmp_path, "--max_per_replica_batch_size=16")
+    best = report["recommendation"]
+    assert json.loads(plan_path.read_text()) == best["plan"]
+    assert report["plan_output"] == str(plan_path)
+    args, flags = _command_flags(report["train_command"])
+    assert args[:2] == ["python", "examples/train.py"]  # run from the repository root
+    assert flags == {
+        "model": "mlp",
+        "dataset": "digits",
+        "plan": str(plan_path),
+        "max_per_replica_batch_size": str(best["per_replica_batch_size"]),
+    }
+    # The micro-batch limit makes the best point accumulate B/m micro-batches on one device.
+    assert best["per_replica_batch_size"] <= 16 and best["num_replicas"] == 1
+    assert best["accumulation_steps"] == best["global_batch_size"] // best["per_replica_batch_size"]
+
+
+def test_read_plan_reads_the_plan_file_and_the_report(tmp_path):
+    report, plan_path = _plan_to_file(tmp_path)
+    best = report["recommendation"]
+    from_plan = read_plan(str(plan_path))
+    from_report = read_plan(str(tmp_path / "report.json"))
+    assert from_plan == from_report
+    assert from_plan.to_dict() == best["plan"]
+    # The plan goodput.recommendation_plan makes from the report's own figures.
+    noise, min_examples = report["noise_scale"], report["min_examples"]
+    point = goodput.GridPoint(**{k: v for k, v in best.items() if k != "plan"})
+    expected = goodput.recommendation_plan(point, 1437, noise, min_examples, 0.1, 32)
+    assert from_plan == expected
+    assert from_plan.phases[0].global_batch_size == best["global_batch_size"]
+    # plan.json as the Trainer writes it ({"initial", "current"}): its current plan.
+    other = plan_phases("decay_lr", 1437, 2, 128, 0.1)
+    trainer_json = tmp_path / "trainer_plan.json"
+    trainer_json.write_text(json.dumps({"initial": other.to_dict(), "current": best["plan"]}))
+    assert read_plan(str(trainer_json)) == expected
+    # make_plan trains the file for its own data set size, whatever the recipe fields say.
+    config = ExperimentConfig(plan_path=str(plan_path), epochs=99, global_batch_size=32)
+    assert make_plan(config, 1437) == expected
+
+
+def test_read_plan_rejects_a_json_without_phases(tmp_path):
+    path = tmp_path / "notes.json"
+    path.write_text(json.dumps({"recommendation": {"workers": 1}}))
+    with pytest.raises(ValueError, match="`plan_path` must name a JSON PhasePlan"):
+        read_plan(str(path))
+
+
+def test_make_plan_rejects_a_plan_for_another_data_set_size(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan_phases("decay_lr", 1000, 2, 64, 0.1).to_dict()))
+    with pytest.raises(ValueError, match="is for dataset_size=1000, but the data set has 1437"):
+        make_plan(ExperimentConfig(plan_path=str(path)), 1437)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="read_plan lets FileNotFoundError through (train.py: traceback, exit 1); "
+    "requested of the lead in /tmp/h2_requests.md",
+)
+def test_read_plan_missing_file_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="plan_path"):
+        read_plan(str(tmp_path / "no_such_plan.json"))
+
+
+def test_plan_cluster_rejects_a_model_other_than_the_measured_one(tmp_path):
+    measurements = tmp_path / "m.json"
+    measurements.write_text(json.dumps(synthetic_measurements()))
+    proc = subprocess.run(
+        [sys.executable, PLAN, f"--measurements={measurements}", "--model=cnn"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "plan_cluster.py: error: Flag --model must match the measurements' model 'mlp' (the "
+        f"plan is for what was measured). Received: --model=cnn with --measurements={measurements}"
+    )
+
+
+# TensorFlow's C++ runtime writes these to stderr whatever TF_CPP_MIN_LOG_LEVEL says.
+TF_RUNTIME_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog|[IWE]\d{4} )"
+)
+
+
+def _train(args, model_dir, timeout=300):
+    return subprocess.run(
+        [sys.executable, TRAIN, *args, f"--model_dir={model_dir}", "--verbose=0"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.slow
+def test_train_py_runs_the_recommended_plan(tmp_path):
+    """plan_cluster.py --plan_output, then its printed train.py command, to the end."""
+    report, plan_path = _plan_to_file(
+        tmp_path, "--target_epochs=2", "--max_per_replica_batch_size=16"
+    )
+    plan = json.loads(plan_path.read_text())
+    args, _ = _command_flags(report["train_command"])
+    assert args[:2] == ["python", "examples/train.py"]
+    model_dir = tmp_path / "run"
+    proc = _train(args[2:], model_dir)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["phases"] == plan["phases"]
+    assert results["parameter_updates"] == plan["total_steps"]
+    assert results["epochs_completed"] == plan["phases"][-1]["end_epoch"]
+    assert results["num_replicas"] == report["recommendation"]["num_replicas"]
+    assert read_plan(str(model_dir / "plan.json")).to_dict() == plan
+
+
+def _bad_plans(tmp_path):
+    """(file, words the one error line must hold) for each bad --plan input."""
+    no_phases = tmp_path / "no_phases.json"
+    no_phases.write_text(json.dumps({"recommendation": {"workers": 1}}))
+    other_size = tmp_path / "other_size.json"
+    other_size.write_text(json.dumps(plan_phases("decay_lr", 1000, 2, 64, 0.1).to_dict()))
+    return {
+        "missing_file": (tmp_path / "no_such_plan.json", ["plan_path", "no_such_plan.json"]),
+        "no_phases": (no_phases, ["plan_path", "without 'phases'"]),
+        "other_dataset_size": (other_size, ["plan_path", "dataset_size=1000", "1437"]),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            "missing_file",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="read_plan lets FileNotFoundError through (traceback, exit 1); "
+                "requested of the lead in /tmp/h2_requests.md",
+            ),
+        ),
+        "no_phases",
+        "other_dataset_size",
+    ],
+)
+def test_train_py_bad_plan_is_one_clear_line(tmp_path, case):
+    path, words = _bad_plans(tmp_path)[case]
+    model_dir = tmp_path / "run"
+    proc = _train([f"--plan={path}"], model_dir, timeout=120)
+    own = [line for line in proc.stderr.splitlines() if not TF_RUNTIME_NOISE.match(line)]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(own) == 1 and own[0].startswith("train.py: error: "), own
+    for word in words:
+        assert word in own[0]
+    assert not model_dir.exists()  # nothing written

@@ -171,8 +171,10 @@ def recommendation_plan(
 
     Epochs = ⌈E(B)/N⌉, the examples the noise-scale model says B needs; the learning rate
     follows ``scaling_rule`` from ``base_learning_rate`` at ``base_batch_size`` (Goyal et al.
-    §2.1), with an optional gradual warmup. Train it with ``examples/train.py --mode=decay_lr
-    --decay_epochs= --epochs=E --global_batch_size=B --max_per_replica_batch_size=m``.
+    §2.1), with an optional gradual warmup. Train it with ``examples/train.py --plan=PATH
+    --max_per_replica_batch_size=m`` (PATH holding ``plan.to_dict()`` as JSON, as
+    ``examples/plan_cluster.py --plan_output=PATH`` writes it), or with the recipe flags
+    ``--mode=decay_lr --decay_epochs= --epochs=E --global_batch_size=B``.
     """
     check_positive_int("dataset_size", dataset_size)
     epochs = max(
