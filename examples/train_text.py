@@ -35,6 +35,7 @@ from tf_largebatch.text import (
     TEXT_MODES,
     TEXT_OPTIMIZERS,
     TEXT_SCHEDULES,
+    TEXT_WARMUPS,
     TextExperimentConfig,
     run_text_experiment,
 )
@@ -62,8 +63,9 @@ flags.DEFINE_integer("base_batch_size", _D.base_batch_size, "Reference batch of 
 flags.DEFINE_enum("scaling_rule", None, ["linear", "sqrt", "none"], "Default: sqrt (Adam).")
 flags.DEFINE_integer("warmup_steps", None, "Warmup steps (default: from --warmup_epochs).")
 flags.DEFINE_float("warmup_epochs", _D.warmup_epochs, "Warmup length in epochs.")
+flags.DEFINE_enum("warmup", _D.warmup, list(TEXT_WARMUPS), "schedule=goyal: the warmup's shape.")
 flags.DEFINE_list("rampup_batch_size", None, "mode=rampup: start,increment,ramp_samples.")
-flags.DEFINE_integer("max_global_batch_size", None, "mode=adaptive: batch cap.")
+flags.DEFINE_integer("max_global_batch_size", None, "mode=adaptive or hybrid: batch cap.")
 flags.DEFINE_enum(
     "strategy", _D.strategy, ["auto", "one_device", "mirrored", "multi_worker"], "Strategy."
 )
@@ -73,6 +75,19 @@ flags.DEFINE_integer("steps_per_execution", _D.steps_per_execution, "Steps per c
 flags.DEFINE_string("model_dir", _D.model_dir, "Output/checkpoint dir; rerun to resume.")
 flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 flags.DEFINE_integer("verbose", _D.verbose, "1: progress bar, 0: quiet.")
+flags.DEFINE_bool("measure_noise_scale", _D.measure_noise_scale, "Estimate B_simple every step.")
+flags.DEFINE_bool("measure_sharpness", _D.measure_sharpness, "Sharpness of the final model.")
+flags.DEFINE_integer(
+    "sharpness_max_examples", _D.sharpness_max_examples, "Training windows the sharpness uses."
+)
+flags.DEFINE_float(
+    "sharpness_perturbation_size",
+    _D.sharpness_perturbation_size,
+    "Relative size ‖δ‖/‖w‖ of the sharpness perturbations.",
+)
+flags.DEFINE_integer(
+    "sharpness_num_perturbations", _D.sharpness_num_perturbations, "Perturbations averaged."
+)
 FLAGS = flags.FLAGS
 
 
@@ -131,6 +146,7 @@ def main(argv):
         "wall_seconds",
         "num_replicas",
         "weights_sha256",
+        "sharpness",
     )
     print("Summary:", json.dumps({k: results.get(k) for k in keys}))
     print(f"Results: {FLAGS.model_dir}/results.json")

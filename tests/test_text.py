@@ -152,3 +152,90 @@ def test_model_trains_and_reloads(tmp_path, corpus):
     loaded = keras.models.load_model(tmp_path / "m.keras")
     xv = data.validation[0][:4]
     np.testing.assert_allclose(loaded(xv), model(xv), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "warmup, learning_rates",
+    [
+        ("gradual", [1e-3, 1e-3 + 3e-3 * 5 / 10, 4e-3, 4e-3]),  # η → 4η over 10 steps
+        ("constant", [1e-3, 1e-3, 4e-3, 4e-3]),
+        ("none", [4e-3, 4e-3, 4e-3, 4e-3]),
+    ],
+)
+def test_goyal_schedule_warmup_shapes(warmup, learning_rates):
+    """schedule="goyal": the plan's warmup (Goyal §2.2) from η at base_batch_size."""
+    config = text.TextExperimentConfig(
+        schedule="goyal",
+        mode="decay_lr",
+        epochs=2,
+        decay_epochs=(),
+        base_learning_rate=1e-3,
+        base_batch_size=8,
+        global_batch_size=32,
+        scaling_rule="linear",
+        warmup=warmup,
+        warmup_epochs=0.5,
+    )
+    plan = text.text_plan(config, 640)  # 20 steps per epoch at 32: warmup 10 steps
+    assert plan.warmup == warmup
+    lrs = [plan.learning_rate_at_step(s) for s in (0, 5, 10, 30)]
+    assert lrs == pytest.approx(learning_rates)
+
+
+def test_hybrid_mode_caps_the_batch():
+    config = text.TextExperimentConfig(
+        schedule="goyal",
+        mode="hybrid",
+        epochs=3,
+        decay_epochs=(1, 2),
+        decay_factor=0.5,
+        base_learning_rate=1e-3,
+        base_batch_size=8,
+        global_batch_size=8,
+        max_global_batch_size=16,
+    )
+    plan = text.text_plan(config, 640)
+    assert [p.global_batch_size for p in plan.phases] == [8, 16, 16]
+    assert [p.learning_rate for p in plan.phases] == pytest.approx([1e-3, 1e-3, 5e-4])
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"warmup": "cosine"}, "warmup"),
+        ({"mode": "hybrid"}, "max_global_batch_size"),
+        ({"mode": "adaptive"}, "max_global_batch_size"),
+    ],
+)
+def test_config_bad_input(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        text.TextExperimentConfig(**kwargs)
+
+
+@pytest.mark.slow
+def test_noise_scale_and_sharpness_are_measured(tmp_path):
+    config = text.TextExperimentConfig(
+        max_bytes=20_000,
+        sequence_length=16,
+        d_model=16,
+        num_heads=2,
+        num_layers=1,
+        epochs=1,
+        mode="decay_lr",
+        global_batch_size=16,
+        base_batch_size=16,
+        strategy="one_device",
+        model_dir=str(tmp_path),
+        verbose=0,
+        measure_noise_scale=True,
+        measure_sharpness=True,
+        sharpness_max_examples=64,
+        sharpness_perturbation_size=1e-2,
+        sharpness_num_perturbations=2,
+    )
+    results = text.run_text_experiment(config)
+    assert results["noise_scale_steps"] and "noise_scale" in results["history"][0]
+    sharp = results["sharpness"]
+    assert sharp["num_examples"] == 64 and sharp["perturbation_size"] == 1e-2
+    assert len(sharp["perturbed_loss_increases"]) == 2
+    assert sharp["hessian_top_eigenvalue"] > 0 and sharp["perturbed_loss_increase"] > 0

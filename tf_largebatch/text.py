@@ -401,7 +401,8 @@ def build_text_model(
 
 TEXT_OPTIMIZERS = ("adamw", "lamb")
 TEXT_SCHEDULES = ("inverse_sqrt", "wsd", "goyal")
-TEXT_MODES = ("decay_lr", "grow_batch", "rampup", "adaptive")
+TEXT_MODES = ("decay_lr", "grow_batch", "hybrid", "rampup", "adaptive")
+TEXT_WARMUPS = ("gradual", "constant", "none")
 DEFAULT_BASE_LEARNING_RATES = {"adamw": 3e-3, "lamb": 3e-2}
 
 
@@ -420,12 +421,12 @@ class TextExperimentConfig:
       weight_decay: decoupled weight decay (not on biases and LayerNorm parameters).
       schedule: ``inverse_sqrt`` (warmup, then peak·√(W/step)), ``wsd`` (warmup, stable,
         then a linear decay over the last ``wsd_decay_fraction`` of the steps) or ``goyal``
-        (the plan's own gradual warmup and per-phase learning rates). The peak of the first
-        two is the learning rate scaled to ``global_batch_size``; the plan then sets only the
-        batch sizes.
+        (the plan's own warmup and per-phase learning rates). The peak of the first two is
+        the learning rate scaled to ``global_batch_size``; the plan then sets only the batch
+        sizes.
       wsd_decay_fraction: share of all steps in the decay of ``schedule="wsd"``.
-      mode: ``decay_lr``, ``grow_batch``, ``rampup`` or ``adaptive`` (see `plan_phases` and
-        `TrainerConfig.adaptive_max_global_batch_size`).
+      mode: ``decay_lr``, ``grow_batch``, ``hybrid``, ``rampup`` or ``adaptive`` (see
+        `plan_phases` and `TrainerConfig.adaptive_max_global_batch_size`).
       epochs: passes over the training windows.
       decay_epochs: epochs where the recipe decays (``decay_lr``, ``adaptive``) or grows the
         batch (``grow_batch``); None: ``(epochs // 2,)`` for those modes (none if epochs is 1)
@@ -439,9 +440,10 @@ class TextExperimentConfig:
       scaling_rule: ``linear``, ``sqrt`` or ``none``; None: `suggested_scaling_rule` of the
         optimizer (``sqrt``).
       warmup_steps: warmup length in steps; None: from ``warmup_epochs``.
+      warmup: ``schedule="goyal"`` only: ``gradual``, ``constant`` or ``none`` (Goyal §2.2).
       warmup_epochs: warmup length in epochs of the first phase's batch.
       rampup_batch_size: ``(start, increment, ramp_samples)`` for ``mode="rampup"``.
-      max_global_batch_size: the batch cap of ``mode="adaptive"``.
+      max_global_batch_size: the batch cap of ``mode="adaptive"`` and ``mode="hybrid"``.
       strategy: ``auto``, ``one_device``, ``mirrored`` or ``multi_worker``.
       num_cpu_devices: split the CPU into this many logical devices (None: as is).
       max_per_replica_batch_size: gradient accumulation beyond this per-replica batch.
@@ -449,6 +451,11 @@ class TextExperimentConfig:
       model_dir: checkpoints, TensorBoard logs, ``results.json``, ``model.keras``.
       seed: initialisation and shuffling seed.
       verbose: 1: a progress bar per epoch; 0: quiet.
+      measure_noise_scale: estimate the gradient noise scale B_simple every step.
+      measure_sharpness: measure the final model's sharpness on the first
+        ``sharpness_max_examples`` training windows (`sharpness.sharpness`) into
+        ``results["sharpness"]``, with relative perturbation size
+        ``sharpness_perturbation_size`` averaged over ``sharpness_num_perturbations`` draws.
     """
 
     text_files: str | None = None
@@ -470,6 +477,7 @@ class TextExperimentConfig:
     base_batch_size: int = 32
     scaling_rule: str | None = None
     warmup_steps: int | None = None
+    warmup: str = "gradual"
     warmup_epochs: float = 0.25
     rampup_batch_size: tuple[int, int, int] | None = None
     max_global_batch_size: int | None = None
@@ -480,11 +488,17 @@ class TextExperimentConfig:
     model_dir: str = "/tmp/tf_largebatch_text"
     seed: int = 0
     verbose: int = 1
+    measure_noise_scale: bool = False
+    measure_sharpness: bool = False
+    sharpness_max_examples: int | None = 512
+    sharpness_perturbation_size: float = 1e-3
+    sharpness_num_perturbations: int = 5
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, TEXT_OPTIMIZERS)
         check_choice("schedule", self.schedule, TEXT_SCHEDULES)
         check_choice("mode", self.mode, TEXT_MODES)
+        check_choice("warmup", self.warmup, TEXT_WARMUPS)
         check_sequence_length(self.sequence_length)
         if self.scaling_rule is not None:
             check_choice("scaling_rule", self.scaling_rule, ("linear", "sqrt", "none"))
@@ -492,8 +506,10 @@ class TextExperimentConfig:
             check_positive_int("warmup_steps", self.warmup_steps)
         if not 0 < self.wsd_decay_fraction < 1:
             _fail("wsd_decay_fraction", "in (0, 1)", self.wsd_decay_fraction)
-        if self.mode == "adaptive" and self.max_global_batch_size is None:
-            raise ValueError("Argument `max_global_batch_size` is required for mode='adaptive'.")
+        if self.mode in ("adaptive", "hybrid") and self.max_global_batch_size is None:
+            raise ValueError(
+                f"Argument `max_global_batch_size` is required for mode={self.mode!r}."
+            )
 
     @property
     def resolved_base_learning_rate(self) -> float:
@@ -526,8 +542,9 @@ def text_plan(config: TextExperimentConfig, dataset_size: int) -> PhasePlan:
         base_batch_size=config.base_batch_size,
         decay_epochs=tuple(decay_epochs),
         decay_factor=config.decay_factor,
-        warmup="gradual" if config.schedule == "goyal" else "none",
+        warmup=config.warmup if config.schedule == "goyal" else "none",
         warmup_epochs=warmup_epochs if config.schedule == "goyal" else 0,
+        max_global_batch_size=config.max_global_batch_size if config.mode == "hybrid" else None,
         momentum=0.0,
         scaling_rule=config.resolved_scaling_rule,
         rampup_batch_size=config.rampup_batch_size,
@@ -626,6 +643,7 @@ def run_text_experiment(
             max_per_replica_batch_size=config.max_per_replica_batch_size,
             steps_per_execution=config.steps_per_execution,
             verbose=config.verbose,
+            measure_noise_scale=config.measure_noise_scale,
             adaptive_max_global_batch_size=(
                 config.max_global_batch_size if config.mode == "adaptive" else None
             ),
@@ -647,5 +665,14 @@ def run_text_experiment(
         text_files=config.text_files or "stdlib",
         config=dataclasses.asdict(config),
     )
+    if config.measure_sharpness:  # every worker takes part (it is distributed)
+        from tf_largebatch.sharpness import sharpness
+
+        results["sharpness"] = sharpness(
+            trainer.model, *text_windows(corpus.train_bytes, config.sequence_length),
+            strategy=strategy, seed=config.seed, max_examples=config.sharpness_max_examples,
+            perturbation_size=config.sharpness_perturbation_size,
+            num_perturbations=config.sharpness_num_perturbations,
+        )  # fmt: skip
     trainer.state.write("results.json", results)
     return results
