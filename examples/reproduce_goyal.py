@@ -1,18 +1,31 @@
 r"""Goyal et al. 2017 at small scale: the Linear Scaling Rule and warmup, batch n against kn.
 
-  python examples/reproduce_goyal.py                      # digits, n = 16, k = 1..16, 5 seeds
-  python examples/reproduce_goyal.py --quick              # CI size: 4 epochs, k = 1, 4, 1 seed
-  python examples/reproduce_goyal.py --dataset=mnist1d:20000 --model=cnn1d --global_batch_size=32 \
-      --base_learning_rate=0.05 --epochs=8 --decay_epochs=5,7 --warmup_epochs=1 --ks=1,8,32 \
-      --seeds=3 --measure_noise_scale --measure_sharpness   # MNIST-1D (docs/RESULTS.md)
+  python examples/reproduce_goyal.py                      # MNIST-1D, n = 8, k = 1..32, 3 seeds
+  python examples/reproduce_goyal.py --quick              # CI size: digits, 4 epochs, k = 1, 4
+  python examples/reproduce_goyal.py --dataset=text       # the byte-level language model, AdamW
+  python examples/reproduce_goyal.py --dataset=text --quick   # CI size of the language model
+  python examples/reproduce_goyal.py --dataset=digits --model=mlp --global_batch_size=16 \
+      --base_learning_rate=0.1 --epochs=20 --decay_epochs=10,15 --warmup_epochs=2 \
+      --ks=1,2,4,8,16 --seeds=5 --variants=gradual_warmup,no_warmup,constant_warmup,no_scaling \
+      --steps_per_execution=16 --nomeasure_noise_scale --nomeasure_sharpness   # digits demo
 
 Trains the small-batch reference n (learning rate η) and, for every k in --ks, batch kn with
 (a) linear scaling η → kη + gradual warmup, (b) linear scaling without warmup, (c) linear
-scaling + constant warmup (η, then kη), (d) no scaling (η), for --seeds seeds each, all in
-this process. Writes to --output_dir: goyal_table.md (final test error mean ± std per k and
+scaling + constant warmup (η, then kη), (d) no scaling (η), (e) the square-root rule η → √k·η
+(Adam's) with or without gradual warmup, for --seeds seeds each, all in this process.
+
+The flag defaults are the MNIST-1D study of docs/RESULTS.md (``--dataset=mnist1d:20000
+--model=cnn1d``, 39 runs, about 20 minutes on 2 shared CPU cores). ``--dataset=text`` (or
+``text:MAX_BYTES``) trains the text example's byte-level Transformer language model
+(`tf_largebatch.text`) with AdamW and ranks by validation bits per byte (lower is better); the
+flags it does not get then default to the language-model study of docs/RESULTS.md (`TEXT`
+below). ``--quick`` is the CI size of either (`QUICK`, `TEXT_QUICK`). A flag given on the
+command line always wins.
+
+Writes to --output_dir: goyal_table.md (final test error or bits per byte, mean ± std per k and
 variant, like Goyal's Table 1 / Figure 3), goyal_training_loss.png (training loss against
 epochs for every kn over the small-batch curve, Figures 2 and 4), goyal_error_vs_batch.png
-(Figure 3), goyal_metrics.md (test error, updates, the gradient noise scale B_simple after the
+(Figure 3), goyal_metrics.md (the metric, updates, the gradient noise scale B_simple after the
 first epoch and the final models' sharpness, where measured), and the raw numbers as
 goyal_results.json and goyal_{runs,history,summary}.csv. Variants with SGD's momentum correction
 off (``gradual_warmup_uncorrected``, ``no_warmup_uncorrected``) can be added to --variants.
@@ -32,6 +45,7 @@ from tf_largebatch.models import MODEL_NAMES
 from tf_largebatch.reproduce import (
     ALL_GOYAL_VARIANTS,
     GOYAL_VARIANTS,
+    METRICS,
     REFERENCE,
     goyal_runs,
     goyal_table,
@@ -39,31 +53,47 @@ from tf_largebatch.reproduce import (
     metrics_table,
     run_study,
     summarize,
+    text_max_bytes,
     write_study,
 )
 
 flags.DEFINE_string(
-    "dataset", "digits", "digits, mnist1d, mnist1d:N (offline), a TFDS name, or npz:PATH."
+    "dataset",
+    "mnist1d:20000",
+    "mnist1d, mnist1d:N, digits (offline), text or text:MAX_BYTES (the language model), a TFDS "
+    "name, or npz:PATH.",
 )
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-flags.DEFINE_enum("model", "mlp", list(MODEL_NAMES), "Model (cnn1d: MNIST-1D's CNN).")
+flags.DEFINE_enum("model", "cnn1d", list(MODEL_NAMES), "Model (cnn1d: MNIST-1D's CNN).")
 flags.DEFINE_enum("optimizer", "sgd", ["sgd", "lars", "adam", "adamw", "lamb"], "Optimizer.")
-flags.DEFINE_integer("global_batch_size", 16, "The reference small batch n.")
-flags.DEFINE_float("base_learning_rate", 0.1, "η: the learning rate of the reference batch n.")
-flags.DEFINE_list("ks", ["1", "2", "4", "8", "16"], "Batch multiples k (kn); 1 = reference.")
-flags.DEFINE_integer("seeds", 5, "Seeds per (variant, k): 0, 1, ..., seeds - 1.")
-flags.DEFINE_list("variants", list(GOYAL_VARIANTS), "Recipe variants for k > 1.")
-flags.DEFINE_integer("epochs", 20, "Total epochs.")
-flags.DEFINE_list("decay_epochs", ["10", "15"], "Learning rate × decay_factor at these epochs.")
+flags.DEFINE_integer("global_batch_size", 8, "The reference small batch n.")
+flags.DEFINE_float("base_learning_rate", 0.0125, "η: the learning rate of the reference batch n.")
+flags.DEFINE_list("ks", ["1", "8", "16", "32"], "Batch multiples k (kn); 1 = reference.")
+flags.DEFINE_integer("seeds", 3, "Seeds per (variant, k): 0, 1, ..., seeds - 1.")
+flags.DEFINE_list(
+    "variants",
+    ["gradual_warmup", "no_warmup", "no_scaling", "gradual_warmup_uncorrected"],
+    f"Recipe variants for k > 1, from {list(ALL_GOYAL_VARIANTS)}.",
+)
+flags.DEFINE_integer("epochs", 8, "Total epochs.")
+flags.DEFINE_list("decay_epochs", ["5", "7"], "Learning rate × decay_factor at these epochs.")
 flags.DEFINE_float("decay_factor", 0.1, "Learning-rate multiplier at each decay epoch.")
-flags.DEFINE_float("warmup_epochs", 2, "Warmup length (gradual and constant warmup).")
+flags.DEFINE_float("warmup_epochs", 1, "Warmup length (gradual and constant warmup).")
 flags.DEFINE_float("momentum", 0.9, "Momentum.")
 flags.DEFINE_bool("momentum_correction", True, "Goyal's momentum correction (SGD) in every run.")
-flags.DEFINE_float("weight_decay", 0.0, "L2 weight decay on kernels.")
-flags.DEFINE_integer("steps_per_execution", 16, "Training steps per compiled call.")
-flags.DEFINE_bool("measure_noise_scale", False, "Measure B_simple (McCandlish) in every run.")
-flags.DEFINE_bool("measure_sharpness", False, "Measure the final models' sharpness.")
+flags.DEFINE_float("weight_decay", 0.0, "L2 weight decay on kernels (AdamW: decoupled).")
+flags.DEFINE_integer("steps_per_execution", 32, "Training steps per compiled call.")
+flags.DEFINE_bool("measure_noise_scale", True, "Measure B_simple (McCandlish) in every run.")
+flags.DEFINE_bool("measure_sharpness", True, "Measure the final models' sharpness.")
 flags.DEFINE_integer("sharpness_max_examples", 2000, "Training examples the sharpness uses.")
+flags.DEFINE_float(
+    "sharpness_perturbation_size", 1e-3, "Relative size ‖δ‖/‖w‖ of the sharpness perturbations."
+)
+flags.DEFINE_integer("sharpness_num_perturbations", 5, "Random perturbations averaged.")
+flags.DEFINE_integer("sequence_length", 32, "--dataset=text: context length in bytes.")
+flags.DEFINE_integer("d_model", 32, "--dataset=text: Transformer width.")
+flags.DEFINE_integer("num_heads", 2, "--dataset=text: attention heads.")
+flags.DEFINE_integer("num_layers", 1, "--dataset=text: Transformer blocks.")
 flags.DEFINE_enum("strategy", "one_device", ["one_device", "mirrored"], "tf.distribute strategy.")
 flags.DEFINE_integer("num_cpu_devices", None, "Split the CPU into N logical devices.")
 flags.DEFINE_string("output_dir", "/tmp/tf_largebatch_goyal", "Where tables, plots, JSON go.")
@@ -71,10 +101,34 @@ flags.DEFINE_string("work_dir", None, "Run directories (kept, rerun resumes); de
 flags.DEFINE_bool(
     "replot", False, "Redraw tables and figures from --output_dir/goyal_results.json; no training."
 )
-flags.DEFINE_bool("quick", False, "CI-sized run: 4 epochs, k = 1, 4, one seed (unless given).")
+flags.DEFINE_bool(
+    "quick", False, "CI-sized run (digits, or the language model with --dataset=text)."
+)
 FLAGS = flags.FLAGS
 
-QUICK = {"epochs": 4, "decay_epochs": ["2", "3"], "warmup_epochs": 1, "ks": ["1", "4"], "seeds": 1}
+# --quick: the digits demo's recipe (n = 16, η = 0.1), 4 epochs, k = 1, 4, one seed.
+QUICK = {
+    **{"dataset": "digits", "model": "mlp", "global_batch_size": 16, "base_learning_rate": 0.1},
+    **{"epochs": 4, "decay_epochs": ["2", "3"], "warmup_epochs": 1, "ks": ["1", "4"], "seeds": 1},
+    **{"variants": list(GOYAL_VARIANTS), "steps_per_execution": 16},
+    **{"measure_noise_scale": False, "measure_sharpness": False},
+}
+# --dataset=text: the language-model study of docs/RESULTS.md (AdamW, n = 8, η = 3e-3).
+TEXT = {
+    **{"optimizer": "adamw", "global_batch_size": 8, "base_learning_rate": 3e-3},
+    **{"epochs": 4, "decay_epochs": ["3"], "decay_factor": 0.1, "warmup_epochs": 0.5},
+    **{"ks": ["1", "4", "16"], "seeds": 3, "steps_per_execution": 16, "weight_decay": 0.0},
+    "variants": ["sqrt_gradual_warmup", "gradual_warmup", "sqrt_no_warmup", "no_scaling"],
+    **{"measure_noise_scale": True, "measure_sharpness": False, "sharpness_max_examples": 256},
+}
+TEXT_MAX_BYTES = 100_000  # --dataset=text without :MAX_BYTES
+# --dataset=text --quick: 2 epochs of 40 kB, k = 1, 4, one seed.
+TEXT_QUICK = {
+    **TEXT,
+    **{"epochs": 2, "decay_epochs": ["1"], "ks": ["1", "4"], "seeds": 1},
+    **{"variants": ["sqrt_gradual_warmup", "no_scaling"], "measure_noise_scale": False},
+}
+TEXT_QUICK_MAX_BYTES = 40_000
 COLORS = {
     "gradual_warmup": "tab:blue",
     "no_warmup": "tab:red",
@@ -82,16 +136,78 @@ COLORS = {
     "no_scaling": "tab:green",
     "gradual_warmup_uncorrected": "tab:purple",
     "no_warmup_uncorrected": "tab:brown",
+    "sqrt_gradual_warmup": "tab:cyan",
+    "sqrt_no_warmup": "tab:pink",
 }
-METRICS = ("test_error", "parameter_updates", "noise_scale_epoch1", "hessian_top_eigenvalue")
-METRICS += ("perturbed_loss_increase",)
+MEASURED = ("parameter_updates", "noise_scale_epoch1", "hessian_top_eigenvalue")
+MEASURED += ("perturbed_loss_increase",)
+
+
+def dataset():
+    """--dataset, or QUICK's under --quick unless given."""
+    return QUICK["dataset"] if FLAGS.quick and not FLAGS["dataset"].present else FLAGS.dataset
+
+
+def profile():
+    """The defaults in force: QUICK, TEXT or TEXT_QUICK (by --dataset and --quick), or none."""
+    if text_max_bytes(dataset()) is not None:
+        return TEXT_QUICK if FLAGS.quick else TEXT
+    return QUICK if FLAGS.quick else {}
 
 
 def flag(name):
-    """A flag's value; under --quick the QUICK value unless the flag was given."""
-    if FLAGS.quick and name in QUICK and not FLAGS[name].present:
-        return QUICK[name]
+    """A flag's value: as given, else the profile's default, else the flag's default."""
+    if not FLAGS[name].present and name in profile():
+        return profile()[name]
     return FLAGS[name].value
+
+
+def study_config():
+    """The reference recipe: an `ExperimentConfig`, or a `TextExperimentConfig` for text."""
+    common = {
+        "optimizer": flag("optimizer"),
+        "mode": "decay_lr",
+        "epochs": flag("epochs"),
+        "decay_epochs": int_list("decay_epochs"),
+        "decay_factor": flag("decay_factor"),
+        "base_learning_rate": flag("base_learning_rate"),
+        "base_batch_size": flag("global_batch_size"),
+        "global_batch_size": flag("global_batch_size"),
+        "warmup_epochs": flag("warmup_epochs"),
+        "weight_decay": flag("weight_decay"),
+        "strategy": FLAGS.strategy,
+        "num_cpu_devices": FLAGS.num_cpu_devices,
+        "steps_per_execution": flag("steps_per_execution"),
+        "measure_noise_scale": flag("measure_noise_scale"),
+        "measure_sharpness": flag("measure_sharpness"),
+        "sharpness_max_examples": flag("sharpness_max_examples"),
+        "sharpness_perturbation_size": FLAGS.sharpness_perturbation_size,
+        "sharpness_num_perturbations": FLAGS.sharpness_num_perturbations,
+        "verbose": 0,
+    }
+    max_bytes = text_max_bytes(dataset())
+    if max_bytes is None:
+        return ExperimentConfig(
+            dataset=dataset(),
+            data_dir=FLAGS.data_dir,
+            model=flag("model"),
+            momentum=FLAGS.momentum,
+            momentum_correction=FLAGS.momentum_correction,
+            save_model=False,
+            **common,
+        )
+    from tf_largebatch.text import TextExperimentConfig  # imports TensorFlow
+
+    default_bytes = TEXT_QUICK_MAX_BYTES if FLAGS.quick else TEXT_MAX_BYTES
+    return TextExperimentConfig(
+        max_bytes=max_bytes or default_bytes,
+        sequence_length=FLAGS.sequence_length,
+        d_model=FLAGS.d_model,
+        num_heads=FLAGS.num_heads,
+        num_layers=FLAGS.num_layers,
+        schedule="goyal",
+        **common,
+    )
 
 
 def int_list(name):
@@ -153,14 +269,18 @@ def plot_training_loss(records, ks, variants, warmup_epochs, path):
 
 
 def plot_error_vs_batch(summary, variants, path):
-    """Goyal Figure 3: final test error against the minibatch size kn."""
+    """Goyal Figure 3: final test error (or bits per byte) against the minibatch size kn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ref = next(r for r in summary if r["group"] == REFERENCE)
-    top = 4 * ref["mean"] + 1  # diverged runs would flatten the rest: drawn at the top edge
+    label = METRICS[ref["metric"]][0]
+    bits = ref["metric"] == "validation_bits_per_byte"
+    # Diverged runs would flatten the rest: drawn at the top edge.
+    top = 1.5 * ref["mean"] if bits else 4 * ref["mean"] + 1
+    bottom = 0.95 * min(r["mean"] for r in summary) if bits else 0
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, variant in enumerate(variants):
         rows = [ref, *(r for r in summary if r["group"] == variant)]
@@ -178,7 +298,7 @@ def plot_error_vs_batch(summary, variants, path):
         for xi, r in zip(x, rows):
             if r["mean"] >= top:
                 ax.annotate(
-                    f"{r['mean']:.1f}",
+                    f"{r['mean']:.3g}",
                     (xi, top),
                     xytext=(-20, -10 - 11 * i),
                     textcoords="offset points",
@@ -189,12 +309,12 @@ def plot_error_vs_batch(summary, variants, path):
                 )
     n = ref["global_batch_size"]
     ax.axhline(ref["mean"], color="black", ls=":", lw=1, label=f"reference n = {n}")
-    ax.set(xscale="log", xlabel="global batch kn", ylabel="final test error (%)", ylim=(0, top))
+    ax.set(xscale="log", xlabel="global batch kn", ylabel=f"final {label}", ylim=(bottom, top))
     ax.set_xticks(sorted({r["global_batch_size"] for r in summary}))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.minorticks_off()
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(f"Final test error vs batch (mean ± std over seeds; clipped at {top:.1f}%)")
+    ax.set_title(f"Final {label} vs batch (mean ± std over seeds; clipped at {top:.3g})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -231,8 +351,12 @@ def plot_noise_scale(records, ks, variants, path):
 
 
 def print_run(index, total, record):
+    bits = record.get("validation_bits_per_byte")
+    result = f"test error {record['test_error']:.2f}%"
+    if bits is not None:
+        result = f"validation {bits:.3f} bits/byte"
     print(
-        f"[{index + 1}/{total}] {record['name']}: test error {record['test_error']:.2f}%, "
+        f"[{index + 1}/{total}] {record['name']}: {result}, "
         f"{record['parameter_updates']} updates, {record['wall_seconds']:.1f} s",
         flush=True,
     )
@@ -250,31 +374,7 @@ def main(argv):
         return
     try:
         ks, variants = int_list("ks"), tuple(flag("variants"))
-        config = ExperimentConfig(
-            dataset=FLAGS.dataset,
-            data_dir=FLAGS.data_dir,
-            model=FLAGS.model,
-            optimizer=FLAGS.optimizer,
-            mode="decay_lr",
-            epochs=flag("epochs"),
-            decay_epochs=int_list("decay_epochs"),
-            decay_factor=FLAGS.decay_factor,
-            base_learning_rate=FLAGS.base_learning_rate,
-            base_batch_size=FLAGS.global_batch_size,
-            global_batch_size=FLAGS.global_batch_size,
-            warmup_epochs=flag("warmup_epochs"),
-            momentum=FLAGS.momentum,
-            momentum_correction=FLAGS.momentum_correction,
-            weight_decay=FLAGS.weight_decay,
-            strategy=FLAGS.strategy,
-            num_cpu_devices=FLAGS.num_cpu_devices,
-            steps_per_execution=FLAGS.steps_per_execution,
-            measure_noise_scale=FLAGS.measure_noise_scale,
-            measure_sharpness=FLAGS.measure_sharpness,
-            sharpness_max_examples=FLAGS.sharpness_max_examples,
-            save_model=False,
-            verbose=0,
-        )
+        config = study_config()
         runs = goyal_runs(config, ks, range(flag("seeds")), variants)
         with (
             contextlib.nullcontext(FLAGS.work_dir)
@@ -289,6 +389,7 @@ def main(argv):
         "reference_config": records[0]["config"],
         "ks": list(ks),
         "seeds": list(range(flag("seeds"))),
+        "dataset": dataset(),
         "variants": list(variants),
         "wall_seconds": time.time() - start,
         "cpu_count": os.cpu_count(),
@@ -300,14 +401,22 @@ def main(argv):
 
 def write_outputs(records, ks, variants, extra, out, start):
     """Tables, figures and raw numbers of a study (also from a saved goyal_results.json)."""
-    summary = summarize(records, "test_error")
-    table = goyal_table(summary, variants)
+    bits = records[0].get("validation_bits_per_byte") is not None  # the language model
+    metric = "validation_bits_per_byte" if bits else "test_error"
+    summary = summarize(records, metric)
+    delta = "sqrt_gradual_warmup" if bits and "sqrt_gradual_warmup" in variants else None
+    table = goyal_table(
+        summary, variants, delta_variant=delta or "gradual_warmup", digits=3 if bits else 2
+    )
     keys = ("command", "reference_config", "ks", "seeds", "variants", "wall_seconds")
     keys += ("cpu_count", "load_average_start", "load_average_end")
-    paths = write_study(out, "goyal", records, summary, **{k: extra[k] for k in keys})
+    kept = {k: extra[k] for k in keys}
+    kept["dataset"] = extra.get("dataset", "")
+    kept["metric"] = metric
+    paths = write_study(out, "goyal", records, summary, **kept)
     with open(os.path.join(out, "goyal_table.md"), "w") as f:
         f.write(table + "\n")
-    metrics = metrics_table(records, METRICS)
+    metrics = metrics_table(records, (metric, *MEASURED))
     with open(os.path.join(out, "goyal_metrics.md"), "w") as f:
         f.write(metrics + "\n")
     warmup_epochs = max(r["config"]["warmup_epochs"] for r in records)
@@ -319,7 +428,7 @@ def write_outputs(records, ks, variants, extra, out, start):
     if any(r.get("noise_scale_steps") for r in records):
         plot_noise_scale(records, ks, variants, os.path.join(out, "goyal_noise_scale.png"))
         figures.append("goyal_noise_scale.png")
-    print("\nFinal test error (%), mean ± std over seeds:\n" + table)
+    print(f"\nFinal {METRICS[metric][0]}, mean ± std over seeds:\n" + table)
     print("\nMeasurements, mean ± std over seeds:\n" + metrics)
     print(f"\n{len(records)} runs in {time.time() - start:.0f} s. Wrote:")
     for name in [*paths, "goyal_table.md", "goyal_metrics.md", *figures]:

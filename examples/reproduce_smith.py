@@ -1,24 +1,37 @@
 r"""Smith et al. 2018 at small scale: increase the batch size instead of decaying the learning rate.
 
-  python examples/reproduce_smith.py                      # digits, B₀ = 16, 24 epochs, 5 seeds
-  python examples/reproduce_smith.py --quick              # CI size: 4 epochs, one seed
+  python examples/reproduce_smith.py                      # MNIST-1D, SGD, B₀ = 64, 3 seeds
+  python examples/reproduce_smith.py --quick              # CI size: digits, 4 epochs, one seed
+  python examples/reproduce_smith.py --dataset=text       # the byte-level language model, Adam
+  python examples/reproduce_smith.py --dataset=text --quick   # CI size of the language model
   python examples/reproduce_smith.py --dataset=mnist1d:20000 --model=cnn1d --optimizer=adam \
-      --global_batch_size=64 --base_learning_rate=0.005 --epochs=8 --decay_epochs=2,4,6 \
-      --weight_decay=0 --seeds=3 --modes=decay_lr,hybrid,grow_batch,no_decay,adaptive
+      --base_learning_rate=0.005 --weight_decay=0 --modes=decay_lr,hybrid,grow_batch,no_decay
+  python examples/reproduce_smith.py --dataset=digits --model=mlp --global_batch_size=16 \
+      --base_learning_rate=0.1 --epochs=24 --decay_epochs=6,12,18 --max_global_batch_size=64 \
+      --seeds=5 --modes=decay_lr,hybrid,grow_batch,scaled_momentum,no_decay   # digits demo
 
 Trains one step-decay recipe (learning rate × --decay_factor at --decay_epochs) as ``decay_lr``
 (fixed batch, decaying learning rate), ``hybrid`` (the batch grows by 1/decay_factor up to
 --max_global_batch_size, then the learning rate decays), ``grow_batch`` (fixed learning rate,
 growing batch) and ``scaled_momentum`` (``grow_batch`` with momentum raised to
---scaled_momentum and every batch scaled by (1 − m)/(1 − m')), plus the ``no_decay`` control,
-for --seeds seeds each, all in this process (``adaptive``, McCandlish's batch that grows towards
-the measured noise scale, on request in --modes; ``scaled_momentum`` needs a momentum optimizer,
-so with --optimizer=adam the default --modes leave it out). Writes to --output_dir:
-smith_table.md (final test accuracy and parameter updates per mode), smith_metrics.md (with the
-noise scale and sharpness where measured), smith_accuracy.png (test accuracy against epochs and
-against parameter updates, training loss against epochs: Smith's Figures 2 and 3),
-smith_schedules.png (learning rate, batch and noise scale against epochs: Figure 1), and the
-raw numbers as smith_results.json and smith_{runs,history,summary}.csv.
+--scaled_momentum and every batch scaled by (1 − m)/(1 − m')), plus the ``no_decay`` control
+and ``adaptive`` (McCandlish's batch that grows towards the measured noise scale), for --seeds
+seeds each, all in this process. ``scaled_momentum`` needs a momentum optimizer, so with
+--optimizer=adam(w) the default --modes leave it out.
+
+The flag defaults are the MNIST-1D SGD study of docs/RESULTS.md (``--dataset=mnist1d:20000
+--model=cnn1d``, 18 runs, about 6 minutes on 2 shared CPU cores). ``--dataset=text`` (or
+``text:MAX_BYTES``) trains the text example's byte-level Transformer language model with Adam
+(AdamW without weight decay) and ranks by validation bits per byte (lower is better); the flags
+it does not get then default to the language-model study of docs/RESULTS.md (`TEXT` below).
+``--quick`` is the CI size of either (`QUICK`, `TEXT_QUICK`). A flag given always wins.
+
+Writes to --output_dir: smith_table.md (final test accuracy or bits per byte, and parameter
+updates per mode), smith_metrics.md (with the noise scale and sharpness where measured),
+smith_accuracy.png (test accuracy or bits per byte against epochs and against parameter
+updates, training loss against epochs: Smith's Figures 2 and 3), smith_schedules.png (learning
+rate, batch and noise scale against epochs: Figure 1), and the raw numbers as
+smith_results.json and smith_{runs,history,summary}.csv.
 """
 
 import contextlib
@@ -32,6 +45,7 @@ from absl import app, flags, logging
 from tf_largebatch.experiment import ExperimentConfig
 from tf_largebatch.models import MODEL_NAMES
 from tf_largebatch.reproduce import (
+    METRICS,
     SMITH_EXTRA_MODES,
     SMITH_MODES,
     mean_curve,
@@ -40,41 +54,76 @@ from tf_largebatch.reproduce import (
     smith_runs,
     smith_table,
     summarize,
+    text_max_bytes,
     write_study,
 )
 
 flags.DEFINE_string(
-    "dataset", "digits", "digits, mnist1d, mnist1d:N (offline), a TFDS name, or npz:PATH."
+    "dataset",
+    "mnist1d:20000",
+    "mnist1d, mnist1d:N, digits (offline), text or text:MAX_BYTES (the language model), a TFDS "
+    "name, or npz:PATH.",
 )
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-flags.DEFINE_enum("model", "mlp", list(MODEL_NAMES), "Model (cnn1d: MNIST-1D's CNN).")
-flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "Optimizer (sgd: momentum SGD).")
-flags.DEFINE_integer("global_batch_size", 16, "The initial global batch B₀.")
+flags.DEFINE_enum("model", "cnn1d", list(MODEL_NAMES), "Model (cnn1d: MNIST-1D's CNN).")
+flags.DEFINE_enum(
+    "optimizer", "sgd", ["sgd", "adam", "adamw"], "Optimizer (sgd: momentum SGD; text: adamw)."
+)
+flags.DEFINE_integer("global_batch_size", 64, "The initial global batch B₀.")
 flags.DEFINE_float("base_learning_rate", 0.1, "The initial learning rate (at B₀).")
-flags.DEFINE_integer("max_global_batch_size", 64, "Batch cap of mode hybrid.")
+flags.DEFINE_integer("max_global_batch_size", 256, "Batch cap of mode hybrid.")
 flags.DEFINE_float("scaled_momentum", 0.95, "Raised momentum of mode scaled_momentum.")
-flags.DEFINE_list("modes", list(SMITH_MODES), f"Modes to run; also {SMITH_EXTRA_MODES}.")
+flags.DEFINE_list(
+    "modes",
+    [*SMITH_MODES, *SMITH_EXTRA_MODES],
+    f"Modes, from {[*SMITH_MODES, *SMITH_EXTRA_MODES]}.",
+)
 flags.DEFINE_integer(
     "adaptive_max_global_batch_size", None, "Batch cap of mode adaptive (default: grow_batch's)."
 )
-flags.DEFINE_integer("seeds", 5, "Seeds per mode: 0, 1, ..., seeds - 1.")
-flags.DEFINE_integer("epochs", 24, "Total epochs.")
-flags.DEFINE_list("decay_epochs", ["6", "12", "18"], "Decay (or batch growth) epochs.")
+flags.DEFINE_integer("seeds", 3, "Seeds per mode: 0, 1, ..., seeds - 1.")
+flags.DEFINE_integer("epochs", 8, "Total epochs.")
+flags.DEFINE_list("decay_epochs", ["2", "4", "6"], "Decay (or batch growth) epochs.")
 flags.DEFINE_float("decay_factor", 0.5, "Learning-rate multiplier (batch × its inverse).")
 flags.DEFINE_float("momentum", 0.9, "Momentum.")
-flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay on kernels.")
+flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay on kernels (AdamW: decoupled).")
 flags.DEFINE_integer("steps_per_execution", 16, "Training steps per compiled call.")
 flags.DEFINE_bool("measure_noise_scale", False, "Measure B_simple (McCandlish) in every run.")
 flags.DEFINE_bool("measure_sharpness", False, "Measure the final models' sharpness.")
 flags.DEFINE_integer("sharpness_max_examples", 2000, "Training examples the sharpness uses.")
+flags.DEFINE_float(
+    "sharpness_perturbation_size", 1e-3, "Relative size ‖δ‖/‖w‖ of the sharpness perturbations."
+)
+flags.DEFINE_integer("sharpness_num_perturbations", 5, "Random perturbations averaged.")
+flags.DEFINE_integer("sequence_length", 32, "--dataset=text: context length in bytes.")
+flags.DEFINE_integer("d_model", 32, "--dataset=text: Transformer width.")
+flags.DEFINE_integer("num_heads", 2, "--dataset=text: attention heads.")
+flags.DEFINE_integer("num_layers", 1, "--dataset=text: Transformer blocks.")
 flags.DEFINE_enum("strategy", "one_device", ["one_device", "mirrored"], "tf.distribute strategy.")
 flags.DEFINE_integer("num_cpu_devices", None, "Split the CPU into N logical devices.")
 flags.DEFINE_string("output_dir", "/tmp/tf_largebatch_smith", "Where tables, plots, JSON go.")
 flags.DEFINE_string("work_dir", None, "Run directories (kept, rerun resumes); default: temp.")
-flags.DEFINE_bool("quick", False, "CI-sized run: 4 epochs, one seed (unless given).")
+flags.DEFINE_bool(
+    "quick", False, "CI-sized run (digits, or the language model with --dataset=text)."
+)
 FLAGS = flags.FLAGS
 
-QUICK = {"epochs": 4, "decay_epochs": ["1", "2", "3"], "seeds": 1}
+# --quick: the digits demo's recipe (B₀ = 16, ε = 0.1, cap 64), 4 epochs, one seed.
+QUICK = {
+    **{"dataset": "digits", "model": "mlp", "global_batch_size": 16, "max_global_batch_size": 64},
+    **{"epochs": 4, "decay_epochs": ["1", "2", "3"], "seeds": 1, "modes": list(SMITH_MODES)},
+}
+# --dataset=text: the language-model study of docs/RESULTS.md (Adam = AdamW without decay).
+TEXT = {
+    **{"optimizer": "adamw", "weight_decay": 0.0, "global_batch_size": 8},
+    **{"base_learning_rate": 3e-3, "max_global_batch_size": 16, "epochs": 6},
+    **{"decay_epochs": ["2", "4"], "decay_factor": 0.5, "seeds": 3},
+    "modes": ["decay_lr", "hybrid", "grow_batch", "no_decay"],
+}
+TEXT_MAX_BYTES = 100_000  # --dataset=text without :MAX_BYTES
+# --dataset=text --quick: 2 epochs of 40 kB, one seed.
+TEXT_QUICK = {**TEXT, "epochs": 2, "decay_epochs": ["1"], "seeds": 1}
+TEXT_QUICK_MAX_BYTES = 40_000
 STYLES = {
     "decay_lr": {"color": "tab:blue", "ls": "-"},
     "hybrid": {"color": "tab:orange", "ls": "--"},
@@ -83,15 +132,76 @@ STYLES = {
     "no_decay": {"color": "grey", "ls": "-"},
     "adaptive": {"color": "tab:purple", "ls": "--"},
 }
-METRICS = ("test_accuracy", "parameter_updates", "noise_scale_epoch1", "hessian_top_eigenvalue")
-METRICS += ("perturbed_loss_increase",)
+MEASURED = ("parameter_updates", "noise_scale_epoch1", "hessian_top_eigenvalue")
+MEASURED += ("perturbed_loss_increase",)
+
+
+def dataset():
+    """--dataset, or QUICK's under --quick unless given."""
+    return QUICK["dataset"] if FLAGS.quick and not FLAGS["dataset"].present else FLAGS.dataset
+
+
+def profile():
+    """The defaults in force: QUICK, TEXT or TEXT_QUICK (by --dataset and --quick), or none."""
+    if text_max_bytes(dataset()) is not None:
+        return TEXT_QUICK if FLAGS.quick else TEXT
+    return QUICK if FLAGS.quick else {}
 
 
 def flag(name):
-    """A flag's value; under --quick the QUICK value unless the flag was given."""
-    if FLAGS.quick and name in QUICK and not FLAGS[name].present:
-        return QUICK[name]
+    """A flag's value: as given, else the profile's default, else the flag's default."""
+    if not FLAGS[name].present and name in profile():
+        return profile()[name]
     return FLAGS[name].value
+
+
+def study_config():
+    """The decay_lr recipe: an `ExperimentConfig`, or a `TextExperimentConfig` for text."""
+    common = {
+        "optimizer": flag("optimizer"),
+        "mode": "decay_lr",
+        "epochs": flag("epochs"),
+        "decay_epochs": decay_epochs(),
+        "decay_factor": flag("decay_factor"),
+        "base_learning_rate": flag("base_learning_rate"),
+        "base_batch_size": flag("global_batch_size"),
+        "global_batch_size": flag("global_batch_size"),
+        "warmup_epochs": 0,
+        "weight_decay": flag("weight_decay"),
+        "strategy": FLAGS.strategy,
+        "num_cpu_devices": FLAGS.num_cpu_devices,
+        "steps_per_execution": FLAGS.steps_per_execution,
+        "measure_noise_scale": FLAGS.measure_noise_scale,
+        "measure_sharpness": FLAGS.measure_sharpness,
+        "sharpness_max_examples": FLAGS.sharpness_max_examples,
+        "sharpness_perturbation_size": FLAGS.sharpness_perturbation_size,
+        "sharpness_num_perturbations": FLAGS.sharpness_num_perturbations,
+        "verbose": 0,
+    }
+    max_bytes = text_max_bytes(dataset())
+    if max_bytes is None:
+        return ExperimentConfig(
+            dataset=dataset(),
+            data_dir=FLAGS.data_dir,
+            model=flag("model"),
+            warmup="none",
+            momentum=FLAGS.momentum,
+            save_model=False,
+            **common,
+        )
+    from tf_largebatch.text import TextExperimentConfig  # imports TensorFlow
+
+    default_bytes = TEXT_QUICK_MAX_BYTES if FLAGS.quick else TEXT_MAX_BYTES
+    return TextExperimentConfig(
+        max_bytes=max_bytes or default_bytes,
+        sequence_length=FLAGS.sequence_length,
+        d_model=FLAGS.d_model,
+        num_heads=FLAGS.num_heads,
+        num_layers=FLAGS.num_layers,
+        schedule="goyal",
+        warmup="none",
+        **common,
+    )
 
 
 def decay_epochs():
@@ -104,32 +214,39 @@ def decay_epochs():
         ) from None
 
 
-def plot_accuracy(records, modes, path):
-    """Smith Figures 2 and 3: test accuracy against epochs and updates, training loss."""
+def plot_accuracy(records, modes, metric, path):
+    """Smith Figures 2 and 3: test accuracy (or bits per byte) against epochs and updates,
+    training loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    label, scale, _ = METRICS[metric]
+    bits = metric == "validation_bits_per_byte"
     fig, (ax_e, ax_l, ax_u) = plt.subplots(1, 3, figsize=(16, 4.3))
-    lowest = 100.0
+    worst = []
     for mode in modes:
         style = STYLES[mode]
-        epochs, acc, lo, hi = mean_curve(records, mode, "test_accuracy")
-        end = [e + 1 for e in epochs]  # test accuracy is measured at the epoch's end
-        acc, lo, hi = ([100 * v for v in c] for c in (acc, lo, hi))
-        ax_e.plot(end, acc, label=mode, **style)
+        epochs, value, lo, hi = mean_curve(records, mode, metric)
+        end = [e + 1 for e in epochs]  # measured at the epoch's end
+        value, lo, hi = ([scale * v for v in c] for c in (value, lo, hi))
+        ax_e.plot(end, value, label=mode, **style)
         ax_e.fill_between(end, lo, hi, color=style["color"], alpha=0.07, lw=0)
-        steps, acc_u, _, _ = mean_curve(records, mode, "test_accuracy", x="steps")
-        ax_u.plot(steps, [100 * v for v in acc_u], label=mode, **style)
+        steps, value_u, _, _ = mean_curve(records, mode, metric, x="steps")
+        ax_u.plot(steps, [scale * v for v in value_u], label=mode, **style)
         _, loss, _, _ = mean_curve(records, mode, "train_loss")
         ax_l.plot([e + 0.5 for e in epochs], loss, label=mode, **style)  # epoch mean
-        lowest = min(lowest, min(acc[len(acc) // 4 :]))
+        worst.append((max if bits else min)(value[len(value) // 4 :]))
     for ax in (ax_e, ax_u):
-        ax.set(ylabel="test accuracy (%)", ylim=(lowest - 0.5, 100))
-        ax.legend(fontsize=8, loc="lower right")
-    ax_e.set(xlabel="epoch", title="Test accuracy vs epochs (mean; band: min–max)")
-    ax_u.set(xlabel="parameter updates", title="Test accuracy vs parameter updates")
+        ax.set(ylabel=label)
+        if bits:
+            ax.set_ylim(top=max(worst) * 1.02)
+        else:
+            ax.set_ylim(min(worst) - 0.5, 100)
+        ax.legend(fontsize=8, loc="upper right" if bits else "lower right")
+    ax_e.set(xlabel="epoch", title=f"{label.capitalize()} vs epochs (mean; band: min–max)")
+    ax_u.set(xlabel="parameter updates", title=f"{label.capitalize()} vs parameter updates")
     ax_l.set(xlabel="epoch", ylabel="training loss", yscale="log", title="Training loss")
     ax_l.legend(fontsize=8)
     fig.tight_layout()
@@ -163,9 +280,13 @@ def plot_schedules(records, modes, path):
 
 
 def print_run(index, total, record):
+    bits = record.get("validation_bits_per_byte")
+    result = f"test accuracy {100 * record['test_accuracy']:.2f}%"
+    if bits is not None:
+        result = f"validation {bits:.3f} bits/byte"
     print(
-        f"[{index + 1}/{total}] {record['name']}: test accuracy "
-        f"{100 * record['test_accuracy']:.2f}%, {record['parameter_updates']} updates, "
+        f"[{index + 1}/{total}] {record['name']}: {result}, "
+        f"{record['parameter_updates']} updates, "
         f"{record['wall_seconds']:.1f} s",
         flush=True,
     )
@@ -176,43 +297,19 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     start, load_start = time.time(), os.getloadavg()
     modes = tuple(flag("modes"))
-    if FLAGS.optimizer != "sgd" and not FLAGS["modes"].present:
+    if flag("optimizer") != "sgd" and not FLAGS["modes"].present:
         modes = tuple(m for m in modes if m != "scaled_momentum")
     try:
-        if FLAGS.optimizer != "sgd" and "scaled_momentum" in modes:
+        if flag("optimizer") != "sgd" and "scaled_momentum" in modes:
             raise ValueError(
                 "Mode `scaled_momentum` needs --optimizer=sgd (it raises the momentum). "
-                f"Received: optimizer={FLAGS.optimizer!r}"
+                f"Received: optimizer={flag('optimizer')!r}"
             )
-        config = ExperimentConfig(
-            dataset=FLAGS.dataset,
-            data_dir=FLAGS.data_dir,
-            model=FLAGS.model,
-            optimizer=FLAGS.optimizer,
-            mode="decay_lr",
-            epochs=flag("epochs"),
-            decay_epochs=decay_epochs(),
-            decay_factor=FLAGS.decay_factor,
-            base_learning_rate=FLAGS.base_learning_rate,
-            base_batch_size=FLAGS.global_batch_size,
-            global_batch_size=FLAGS.global_batch_size,
-            warmup="none",
-            warmup_epochs=0,
-            momentum=FLAGS.momentum,
-            weight_decay=FLAGS.weight_decay,
-            strategy=FLAGS.strategy,
-            num_cpu_devices=FLAGS.num_cpu_devices,
-            steps_per_execution=FLAGS.steps_per_execution,
-            measure_noise_scale=FLAGS.measure_noise_scale,
-            measure_sharpness=FLAGS.measure_sharpness,
-            sharpness_max_examples=FLAGS.sharpness_max_examples,
-            save_model=False,
-            verbose=0,
-        )
+        config = study_config()
         runs = smith_runs(
             config,
             range(flag("seeds")),
-            max_global_batch_size=FLAGS.max_global_batch_size,
+            max_global_batch_size=flag("max_global_batch_size"),
             scaled_momentum=FLAGS.scaled_momentum,
             modes=modes,
             adaptive_max_global_batch_size=FLAGS.adaptive_max_global_batch_size,
@@ -225,7 +322,9 @@ def main(argv):
             records = run_study(runs, work_dir, on_run=print_run)
     except ValueError as e:
         sys.exit(f"reproduce_smith.py: error: {e}")
-    summary = summarize(records, "test_accuracy")
+    bits = records[0].get("validation_bits_per_byte") is not None  # the language model
+    metric = "validation_bits_per_byte" if bits else "test_accuracy"
+    summary = summarize(records, metric)
     table = smith_table(summary, records)
     out = FLAGS.output_dir
     paths = write_study(
@@ -235,6 +334,8 @@ def main(argv):
         summary,
         command=" ".join(["python", "examples/reproduce_smith.py", *sys.argv[1:]]),
         recipe_config=records[0]["config"],
+        dataset=dataset(),
+        metric=metric,
         modes=list(modes),
         seeds=list(range(flag("seeds"))),
         wall_seconds=time.time() - start,
@@ -244,12 +345,12 @@ def main(argv):
     )
     with open(os.path.join(out, "smith_table.md"), "w") as f:
         f.write(table + "\n")
-    metrics = metrics_table(records, METRICS, scale={"test_accuracy": 100})
+    metrics = metrics_table(records, (metric, *MEASURED), scale={"test_accuracy": 100})
     with open(os.path.join(out, "smith_metrics.md"), "w") as f:
         f.write(metrics + "\n")
-    plot_accuracy(records, modes, os.path.join(out, "smith_accuracy.png"))
+    plot_accuracy(records, modes, metric, os.path.join(out, "smith_accuracy.png"))
     plot_schedules(records, modes, os.path.join(out, "smith_schedules.png"))
-    print("\nFinal test accuracy (%), mean ± std over seeds, and parameter updates:\n" + table)
+    print(f"\nFinal {METRICS[metric][0]}, mean ± std over seeds, and updates:\n" + table)
     print("\nMeasurements, mean ± std over seeds:\n" + metrics)
     print(f"\n{len(records)} runs in {time.time() - start:.0f} s. Wrote:")
     figures = ["smith_accuracy.png", "smith_schedules.png"]

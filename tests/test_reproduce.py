@@ -1,6 +1,7 @@
 """Reproduction studies: the run grids, summaries, tables, files, and both binaries end to end."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,8 +24,10 @@ from tf_largebatch.reproduce import (
     smith_runs,
     smith_table,
     summarize,
+    text_max_bytes,
     write_study,
 )
+from tf_largebatch.text import TextExperimentConfig, text_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
@@ -129,7 +132,8 @@ def test_goyal_runs_rejects(kwargs, name):
 
 
 def test_goyal_uncorrected_variants_turn_momentum_correction_off():
-    runs = goyal_runs(GOYAL, ks=(8,), seeds=(0,), variants=tuple(GOYAL_EXTRA_VARIANTS))
+    uncorrected = tuple(v for v in GOYAL_EXTRA_VARIANTS if v.endswith("_uncorrected"))
+    runs = goyal_runs(GOYAL, ks=(8,), seeds=(0,), variants=uncorrected)
     assert [(r.name, r.config.momentum_correction) for r in runs] == [
         ("reference_k1_seed0", True),
         ("gradual_warmup_uncorrected_k8_seed0", False),
@@ -145,6 +149,92 @@ def test_goyal_warmup_variants_need_warmup_epochs():
     with pytest.raises(ValueError, match="`warmup_epochs`.*Received: warmup_epochs=0"):
         goyal_runs(config, (2,), (0,))
     assert len(goyal_runs(config, (2,), (0,), variants=("no_warmup", "no_scaling"))) == 3
+
+
+# The language model's recipe: n = 8 windows, η = 3e-3 for AdamW, the plan's own schedule.
+TEXT = TextExperimentConfig(
+    schedule="goyal",
+    mode="decay_lr",
+    epochs=4,
+    decay_epochs=(3,),
+    decay_factor=0.1,
+    base_learning_rate=3e-3,
+    base_batch_size=8,
+    global_batch_size=8,
+    warmup_epochs=0.5,
+    weight_decay=0.0,
+)
+N_WINDOWS = 2812  # ⌊(90,000 − 1)/32⌋ training windows of 100 kB at T = 32
+
+
+def test_text_max_bytes():
+    assert [text_max_bytes(d) for d in ("text", "text:5000", "mnist1d:20000", "digits")] == [
+        0,
+        5000,
+        None,
+        None,
+    ]
+    for bad in ("text:", "text:0", "text:1e5", "text:-3"):
+        with pytest.raises(ValueError, match=f"Argument `dataset`.*Received: dataset='{bad}'"):
+            text_max_bytes(bad)
+
+
+def test_goyal_runs_on_the_language_model_sqrt_and_linear_rules():
+    variants = ("sqrt_gradual_warmup", "gradual_warmup", "sqrt_no_warmup", "no_scaling")
+    runs = by_name(goyal_runs(TEXT, ks=(16,), seeds=(0,), variants=variants))
+    plans = {name: text_plan(r.config, N_WINDOWS) for name, r in runs.items()}
+    assert all(isinstance(r.config, TextExperimentConfig) for r in runs.values())
+    ref = plans["reference_k1_seed0"]
+    assert ref.phases[0].steps_per_epoch == 351 and ref.warmup_steps == 0
+    assert [ref.learning_rate_at_step(s) for s in (0, 1052, 1053)] == pytest.approx(
+        [3e-3, 3e-3, 3e-4]
+    )
+    sqrt = plans["sqrt_gradual_warmup_k16_seed0"]  # batch 128: 21 steps per epoch, warmup 10
+    assert sqrt.phases[0].global_batch_size == 128 and sqrt.warmup_steps == 10
+    lrs = [sqrt.learning_rate_at_step(s) for s in (0, 5, 10, 62, 63)]
+    assert lrs == pytest.approx([3e-3, 3e-3 + 9e-3 * 5 / 10, 12e-3, 12e-3, 1.2e-3])  # √16·η
+    linear = plans["gradual_warmup_k16_seed0"]
+    assert linear.learning_rate_at_step(10) == pytest.approx(48e-3)  # 16·η
+    assert plans["sqrt_no_warmup_k16_seed0"].learning_rate_at_step(0) == pytest.approx(12e-3)
+    assert plans["no_scaling_k16_seed0"].learning_rate_at_step(0) == pytest.approx(3e-3)
+
+
+def test_goyal_and_smith_runs_reject_what_the_language_model_lacks():
+    with pytest.raises(ValueError, match="Argument `variants`.*gradual_warmup_uncorrected"):
+        goyal_runs(TEXT, (4,), (0,), ("gradual_warmup_uncorrected",))
+    inverse_sqrt = dataclasses.replace(TEXT, schedule="inverse_sqrt")
+    with pytest.raises(ValueError, match="Argument `schedule`.*Received: schedule='inverse_sqrt'"):
+        goyal_runs(inverse_sqrt, (4,), (0,))
+    with pytest.raises(ValueError, match="Argument `schedule`"):
+        smith_runs(inverse_sqrt, (0,), max_global_batch_size=16, modes=("decay_lr",))
+    with pytest.raises(ValueError, match="Argument `modes`.*scaled_momentum"):
+        smith_runs(TEXT, (0,), max_global_batch_size=16)
+
+
+def test_smith_runs_on_the_language_model():
+    recipe = dataclasses.replace(TEXT, epochs=6, decay_epochs=(2, 4), decay_factor=0.5)
+    modes = ("decay_lr", "hybrid", "grow_batch", "no_decay", "adaptive")
+    runs = {r.group: r for r in smith_runs(recipe, (0,), max_global_batch_size=16, modes=modes)}
+    plans = {m: text_plan(r.config, N_WINDOWS) for m, r in runs.items()}
+    batches = {m: [p.global_batch_size for p in plans[m].phases] for m in plans}
+    assert batches == {
+        "decay_lr": [8, 8, 8],
+        "hybrid": [8, 16, 16],
+        "grow_batch": [8, 16, 32],
+        "no_decay": [8],
+        "adaptive": [8, 8, 8],
+    }
+    lrs = {m: [p.learning_rate for p in plans[m].phases] for m in plans}
+    assert lrs["decay_lr"] == pytest.approx([3e-3, 1.5e-3, 0.75e-3])
+    assert lrs["hybrid"] == pytest.approx([3e-3, 3e-3, 1.5e-3])
+    assert lrs["grow_batch"] == pytest.approx([3e-3] * 3)
+    assert (runs["adaptive"].config.max_global_batch_size, runs["adaptive"].config.mode) == (
+        32,
+        "adaptive",
+    )
+    assert runs["adaptive"].config.measure_noise_scale
+    ratio = plans["grow_batch"].total_steps / plans["decay_lr"].total_steps
+    assert ratio == pytest.approx((351 + 175 + 87) / (3 * 351))
 
 
 # ---- smith_runs ------------------------------------------------------------------------------
@@ -281,6 +371,42 @@ def test_goyal_table_rows():
         "|---|---|---|---|---|---|---|",
         "| 1 | 16 | 1780 | 2.50 ± 0.71 | 2.50 ± 0.71 | 2.50 ± 0.71 | +0.00 |",
         "| 8 | 128 | 220 | 2.50 ± 0.00 | 40.00 ± 0.00 | – | +0.00 |",
+    ]
+
+
+def test_tables_of_bits_per_byte():
+    """The language model's tables: bits per byte with 3 decimals, the Δ of the sqrt rule."""
+
+    def rec(group, k, seed, bits, updates, batch=8):
+        return {**record(group, k, seed, 60.0, updates, batch), "validation_bits_per_byte": bits}
+
+    records = [
+        rec("reference", 1, 0, 3.0, 1404),
+        rec("reference", 1, 1, 3.1, 1404),
+        rec("sqrt_gradual_warmup", 4, 0, 3.2, 348, 32),
+        rec("no_scaling", 4, 0, 3.5, 348, 32),
+    ]
+    summary = summarize(records, "validation_bits_per_byte")
+    table = goyal_table(
+        summary,
+        ("sqrt_gradual_warmup", "no_scaling"),
+        delta_variant="sqrt_gradual_warmup",
+        digits=3,
+    )
+    assert table.splitlines() == [
+        "| k | kn | updates | sqrt gradual warmup | no scaling | Δ sqrt gradual warmup − ref |",
+        "|---|---|---|---|---|---|",
+        "| 1 | 8 | 1404 | 3.050 ± 0.071 | 3.050 ± 0.071 | +0.000 |",
+        "| 4 | 32 | 348 | 3.200 ± 0.000 | 3.500 ± 0.000 | +0.150 |",
+    ]
+    phases = {"phases": [{"global_batch_size": 8, "learning_rate": 3e-3, "momentum": 0.0}]}
+    smith = [{**rec("decay_lr", 1, s, 3.0 + s / 10, 2100), "plan": phases} for s in (0, 1)]
+    smith.append({**rec("grow_batch", 1, 0, 3.1, 900), "plan": phases})
+    lines = smith_table(summarize(smith, "validation_bits_per_byte"), smith).splitlines()
+    assert "validation bits/byte" in lines[0]
+    assert lines[2:] == [
+        "| decay_lr | 8 | 0.003 | 0 | 2100 | 1.00 | 3.050 ± 0.071 | +0.000 |",
+        "| grow_batch | 8 | 0.003 | 0 | 900 | 0.43 | 3.100 ± 0.000 | +0.050 |",
     ]
 
 
@@ -476,6 +602,61 @@ def test_reproduce_smith_quick(tmp_path):
         assert r["test_accuracy"] > 0.85
     table = (tmp_path / "smith_table.md").read_text()
     assert "| grow_batch | 16, 32, 64, 128 | 0.1, 0.1, 0.1, 0.1 | 0.9 | 166 | 0.47 |" in table
+
+
+@pytest.mark.slow
+def test_reproduce_goyal_text_quick(tmp_path):
+    """The language model (40 kB, 2 epochs, k = 1, 4): bits per byte fall, tables say so."""
+    proc = run_binary("reproduce_goyal.py", "--dataset=text", "--quick", f"--output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = check_outputs(tmp_path, "goyal", ("training_loss.png", "error_vs_batch.png"))
+    assert (data["dataset"], data["metric"], data["ks"]) == (
+        "text",
+        "validation_bits_per_byte",
+        [1, 4],
+    )
+    runs = {r["group"]: r for r in data["runs"]}
+    assert list(runs) == ["reference", "sqrt_gradual_warmup", "no_scaling"]
+    ref = runs["reference"]
+    assert ref["config"]["max_bytes"] == 40_000 and ref["config"]["schedule"] == "goyal"
+    # ⌊(36,000 − 1)/32⌋ = 1124 windows: 140 steps per epoch at 8, 35 at 32.
+    assert [r["parameter_updates"] for r in runs.values()] == [280, 70, 70]
+    for r in runs.values():
+        bits = [h["validation_bits_per_byte"] for h in r["history"]]
+        assert r["validation_bits_per_byte"] == pytest.approx(bits[-1], rel=1e-6)
+        assert bits[-1] == pytest.approx(r["test_loss"] / np.log(2), rel=1e-6)
+        assert bits[-1] < bits[0] < 8  # it learns: below the 8 bits of a uniform byte
+    assert ref["validation_bits_per_byte"] < ref["unigram_bits_per_byte"]
+    sqrt_lrs = [h["learning_rate"] for h in runs["sqrt_gradual_warmup"]["history"]]
+    assert sqrt_lrs[0] == pytest.approx(3e-3) and sqrt_lrs[1] == pytest.approx(6e-4)  # √4·η/10
+    # Direction only (one seed): η kept at 4n gives 1/4 of the updates and learns less.
+    assert runs["no_scaling"]["validation_bits_per_byte"] > ref["validation_bits_per_byte"]
+    table = (tmp_path / "goyal_table.md").read_text()
+    assert "Δ sqrt gradual warmup − ref" in table.splitlines()[0]
+    assert (
+        f"| 4 | 32 | 70 | {runs['sqrt_gradual_warmup']['validation_bits_per_byte']:.3f} ± 0.000 |"
+        in table
+    )
+
+
+@pytest.mark.slow
+def test_reproduce_smith_text_quick(tmp_path):
+    proc = run_binary(
+        "reproduce_smith.py", "--dataset=text:30000", "--quick", f"--output_dir={tmp_path}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = check_outputs(tmp_path, "smith", ("accuracy.png", "schedules.png"))
+    assert data["metric"] == "validation_bits_per_byte"
+    runs = {r["group"]: r for r in data["runs"]}
+    assert list(runs) == ["decay_lr", "hybrid", "grow_batch", "no_decay"]
+    # ⌊(27,000 − 1)/32⌋ = 843 windows: 105 steps per epoch at 8, 52 at 16.
+    updates = {m: r["parameter_updates"] for m, r in runs.items()}
+    assert updates == {"decay_lr": 210, "hybrid": 157, "grow_batch": 157, "no_decay": 210}
+    for r in runs.values():
+        assert r["config"]["optimizer"] == "adamw" and r["config"]["weight_decay"] == 0
+        assert r["validation_bits_per_byte"] < r["unigram_bits_per_byte"]
+    table = (tmp_path / "smith_table.md").read_text()
+    assert "| validation bits/byte |" in table.splitlines()[0]
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Small-scale reproductions of Goyal et al. 2017 and Smith et al. 2018: many runs, one process.
 
-A study is a list of `Run`s (one `ExperimentConfig` each), made from ONE reference recipe:
+A study is a list of `Run`s (one `ExperimentConfig`, or one `text.TextExperimentConfig` for
+the byte-level language model, each), made from ONE reference recipe:
 
 - `goyal_runs`: the small-batch reference n and large batches kn for several k, each trained
   with a variant of Goyal et al.'s recipe: the Linear Scaling Rule (η → kη) with gradual
@@ -10,7 +11,9 @@ A study is a list of `Run`s (one `ExperimentConfig` each), made from ONE referen
 
 `run_study` trains them one after another in this process (`run_experiment` per run, each
 in its own ``model_dir`` under a work directory, so a rerun resumes finished runs from their
-checkpoints) and returns one compact record per run. `summarize` gives mean ± sample standard
+checkpoints; `text.run_text_experiment` for the language model) and returns one compact record
+per run: test error and accuracy, and for the language model the validation bits per byte
+(``validation_bits_per_byte``, lower is better). `summarize` gives mean ± sample standard
 deviation over seeds, `goyal_table` / `smith_table` the tables, `write_study` the raw numbers
 as JSON and CSV. The example binaries ``examples/reproduce_*.py`` draw the figures.
 
@@ -33,11 +36,15 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from tf_largebatch._validation import _fail, check_momentum, check_positive_int
 from tf_largebatch.experiment import ExperimentConfig
 
+if TYPE_CHECKING:  # text.py imports TensorFlow
+    from tf_largebatch.text import TextExperimentConfig
+
+StudyConfig = Union[ExperimentConfig, "TextExperimentConfig"]
 _log = logging.getLogger(__name__)
 
 REFERENCE = "reference"
@@ -54,6 +61,9 @@ GOYAL_EXTRA_VARIANTS: dict[str, dict[str, Any]] = {
         "momentum_correction": False,
     },
     "no_warmup_uncorrected": {**GOYAL_VARIANTS["no_warmup"], "momentum_correction": False},
+    # The square-root rule η → √k·η, the Adam family's counterpart of the linear rule.
+    "sqrt_gradual_warmup": {"scaling_rule": "sqrt", "warmup": "gradual"},
+    "sqrt_no_warmup": {"scaling_rule": "sqrt", "warmup": "none"},
 }
 ALL_GOYAL_VARIANTS = {**GOYAL_VARIANTS, **GOYAL_EXTRA_VARIANTS}
 SMITH_MODES = ("decay_lr", "hybrid", "grow_batch", "scaled_momentum", "no_decay")
@@ -63,12 +73,20 @@ SMITH_EXTRA_MODES = ("adaptive",)
 _HISTORY_KEYS = (
     *("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy"),
     *("learning_rate", "global_batch_size", "momentum", "steps", "noise_scale"),
+    *("train_bits_per_byte", "validation_bits_per_byte"),  # the language model only
 )
 _RUN_KEYS = (
     *("name", "group", "k", "seed", "global_batch_size", "test_error", "test_accuracy"),
     *("test_loss", "final_train_loss", "parameter_updates", "wall_seconds"),
     *("noise_scale_epoch1", "hessian_top_eigenvalue", "perturbed_loss_increase"),
+    "validation_bits_per_byte",
 )
+# What a study ranks by: the metric's column label, its scale, its digits, lower is better?
+METRICS = {
+    "test_error": ("test error %", 1.0, 2),
+    "test_accuracy": ("test accuracy %", 100.0, 2),
+    "validation_bits_per_byte": ("validation bits/byte", 1.0, 3),
+}
 _NOISE_POINTS = 200  # noise_scale_steps kept per record (evenly thinned)
 
 
@@ -88,7 +106,34 @@ class Run:
     group: str
     k: int
     seed: int
-    config: ExperimentConfig
+    config: StudyConfig
+
+
+def is_text(config: StudyConfig) -> bool:
+    """Whether a run trains the byte-level language model (`text.run_text_experiment`)."""
+    return not isinstance(config, ExperimentConfig)
+
+
+def text_max_bytes(dataset: str) -> int | None:
+    """The byte budget of a ``--dataset`` value ``text`` or ``text:MAX_BYTES``; None otherwise.
+
+    Example:
+      >>> text_max_bytes("text:200000"), text_max_bytes("text"), text_max_bytes("mnist1d")
+      (200000, 0, None)
+
+    ``0`` means: the `TextExperimentConfig` default.
+
+    Raises:
+      ValueError: ``text:`` followed by anything but a positive integer.
+    """
+    if dataset == "text":
+        return 0
+    if not dataset.startswith("text:"):
+        return None
+    value = dataset[len("text:") :]
+    if not value.isdigit() or int(value) < 1:
+        _fail("dataset", "text or text:MAX_BYTES with MAX_BYTES a positive integer", dataset)
+    return int(value)
 
 
 def _check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
@@ -102,7 +147,7 @@ def _check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
 
 
 def goyal_runs(
-    config: ExperimentConfig,
+    config: StudyConfig,
     ks: Sequence[int],
     seeds: Sequence[int],
     variants: Sequence[str] = tuple(GOYAL_VARIANTS),
@@ -117,14 +162,19 @@ def goyal_runs(
     - ``gradual_warmup``: η·k, ramped linearly from η over ``config.warmup_epochs`` (§2.2);
     - ``no_warmup``: η·k from the first step;
     - ``constant_warmup``: η for ``config.warmup_epochs``, then η·k (§2.2, "constant warmup");
-    - ``no_scaling``: η at every k, no warmup.
+    - ``no_scaling``: η at every k, no warmup;
+    - ``sqrt_gradual_warmup``, ``sqrt_no_warmup``: the square-root rule η·√k (Adam's), with
+      and without the gradual warmup;
+    - ``*_uncorrected``: SGD's momentum correction off.
 
     Args:
-      config: the small-batch reference recipe (mode, epochs, decay epochs, model, ...).
+      config: the small-batch reference recipe (mode, epochs, decay epochs, model, ...): an
+        `ExperimentConfig`, or a `text.TextExperimentConfig` with ``schedule="goyal"`` (the
+        language model; the ``*_uncorrected`` variants do not apply).
       ks: batch multiples; 1 may be listed (the reference always runs).
       seeds: one run per seed for every (variant, k).
       variants: a subset of `ALL_GOYAL_VARIANTS` (`GOYAL_VARIANTS` and the momentum
-        correction off, `GOYAL_EXTRA_VARIANTS`).
+        correction off or the square-root rule, `GOYAL_EXTRA_VARIANTS`).
 
     Returns:
       The reference runs first, then runs by k, variant and seed.
@@ -148,6 +198,17 @@ def goyal_runs(
     variants = tuple(variants)
     if not variants or any(v not in ALL_GOYAL_VARIANTS for v in variants):
         _fail("variants", f"a non-empty subset of {tuple(ALL_GOYAL_VARIANTS)}", variants)
+    if is_text(config):
+        if config.schedule != "goyal":
+            _fail(
+                "schedule",
+                "'goyal' (the plan's warmup and decays) in a Goyal study",
+                config.schedule,
+            )
+        if any("momentum_correction" in ALL_GOYAL_VARIANTS[v] for v in variants):
+            _fail(
+                "variants", "variants without momentum correction for the language model", variants
+            )
     if config.warmup_epochs <= 0 and any(
         ALL_GOYAL_VARIANTS[v]["warmup"] != "none" for v in variants
     ):
@@ -179,7 +240,7 @@ def goyal_runs(
 
 
 def smith_runs(
-    config: ExperimentConfig,
+    config: StudyConfig,
     seeds: Sequence[int],
     *,
     max_global_batch_size: int,
@@ -203,7 +264,8 @@ def smith_runs(
 
     Args:
       config: the ``decay_lr`` recipe (its ``mode`` and ``max_global_batch_size`` are
-        replaced per mode).
+        replaced per mode); a `text.TextExperimentConfig` (``schedule="goyal"``, the plan's
+        per-phase learning rates) trains the language model, without ``scaled_momentum``.
       seeds: one run per seed and mode.
       max_global_batch_size: the batch cap of ``hybrid``.
       scaled_momentum: the raised momentum of ``scaled_momentum``, > ``config.momentum``.
@@ -228,13 +290,18 @@ def smith_runs(
     known = (*SMITH_MODES, *SMITH_EXTRA_MODES)
     if not modes or any(m not in known for m in modes) or len(set(modes)) != len(modes):
         _fail("modes", f"distinct names from {known}", modes)
+    if is_text(config):
+        if config.schedule != "goyal":
+            _fail("schedule", "'goyal' (the plan's per-phase learning rates)", config.schedule)
+        if "scaled_momentum" in modes:
+            _fail("modes", "modes without scaled_momentum for the language model (Adam)", modes)
     if adaptive_max_global_batch_size is None:
         growth = round((1 / config.decay_factor) ** len(tuple(config.decay_epochs)))
         adaptive_max_global_batch_size = config.global_batch_size * max(growth, 1)
     check_positive_int("adaptive_max_global_batch_size", adaptive_max_global_batch_size)
     check_positive_int("max_global_batch_size", max_global_batch_size)
     check_momentum("scaled_momentum", scaled_momentum)
-    if scaled_momentum <= config.momentum:
+    if not is_text(config) and scaled_momentum <= config.momentum:
         _fail("scaled_momentum", f"> momentum ({config.momentum})", scaled_momentum)
     overrides = {
         "decay_lr": {"mode": "decay_lr"},
@@ -248,7 +315,9 @@ def smith_runs(
             "measure_noise_scale": True,
         },
     }
-    base = {"max_global_batch_size": None, "scaled_momentum": None}
+    base = {"max_global_batch_size": None}
+    if not is_text(config):
+        base["scaled_momentum"] = None
     return [
         Run(
             f"{m}_seed{s}",
@@ -266,7 +335,12 @@ def _record(run: Run, results: dict[str, Any]) -> dict[str, Any]:
     accuracy = float(results["test_accuracy"])
     noise = results.get("noise_scale_steps") or []
     stride = max(1, math.ceil(len(noise) / _NOISE_POINTS))
-    history = results["history"]
+    history = [{k: h[k] for k in _HISTORY_KEYS if k in h} for h in results["history"]]
+    bits = results.get("validation_bits_per_byte")
+    if bits is not None:  # the language model: losses in nats per byte, also as bits
+        for h in history:
+            h["train_bits_per_byte"] = h["train_loss"] / math.log(2)
+            h["validation_bits_per_byte"] = h["test_loss"] / math.log(2)
     sharp = results.get("sharpness") or {}
     return {
         "name": run.name,
@@ -281,7 +355,7 @@ def _record(run: Run, results: dict[str, Any]) -> dict[str, Any]:
         "parameter_updates": int(results["parameter_updates"]),
         "wall_seconds": float(results["wall_seconds"]),
         "plan": results["plan"],
-        "history": [{k: h[k] for k in _HISTORY_KEYS if k in h} for h in history],
+        "history": history,
         "config": dataclasses.asdict(run.config),
         # McCandlish's B_simple (EMA estimate) at the end of the first epoch, and thinned.
         "noise_scale_epoch1": (
@@ -290,6 +364,8 @@ def _record(run: Run, results: dict[str, Any]) -> dict[str, Any]:
         "noise_scale_steps": [list(p) for p in noise[::stride]],
         "hessian_top_eigenvalue": sharp.get("hessian_top_eigenvalue"),
         "perturbed_loss_increase": sharp.get("perturbed_loss_increase"),
+        "validation_bits_per_byte": None if bits is None else float(bits),
+        "unigram_bits_per_byte": results.get("unigram_bits_per_byte"),
     }
 
 
@@ -314,7 +390,9 @@ def run_study(
     Returns:
       Per run: name, group, k, seed, initial global_batch_size, test_error (percent),
       test_accuracy, test_loss, final_train_loss, parameter_updates, wall_seconds, plan
-      (`PhasePlan.to_dict`), per-epoch history and config.
+      (`PhasePlan.to_dict`), per-epoch history and config; for the language model also
+      validation_bits_per_byte and unigram_bits_per_byte (None otherwise), and the losses of
+      the history as bits per byte.
 
     Raises:
       ValueError: duplicate run names, or any bad config (from `run_experiment`).
@@ -327,7 +405,12 @@ def run_study(
     records = []
     for i, run in enumerate(runs):
         config = dataclasses.replace(run.config, model_dir=os.path.join(work_dir, run.name))
-        record = _record(run, run_experiment(config))
+        if is_text(config):
+            from tf_largebatch.text import run_text_experiment
+
+            record = _record(run, run_text_experiment(config))
+        else:
+            record = _record(run, run_experiment(config))
         _log.info("%d/%d %s: test error %.2f%%", i + 1, len(runs), run.name, record["test_error"])
         records.append(record)
         if on_run is not None:
@@ -408,45 +491,57 @@ def mean_curve(
     )
 
 
-def _cell(row: dict[str, Any] | None) -> str:
-    return f"{row['mean']:.2f} ± {row['std']:.2f}" if row else "–"
+def _cell(row: dict[str, Any] | None, digits: int = 2) -> str:
+    return f"{row['mean']:.{digits}f} ± {row['std']:.{digits}f}" if row else "–"
 
 
-def goyal_table(summary: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
-    """Final test error (%) mean ± std per k (rows) and variant (columns), as Markdown.
+def goyal_table(
+    summary: Sequence[dict[str, Any]],
+    variants: Sequence[str],
+    *,
+    delta_variant: str = "gradual_warmup",
+    digits: int = 2,
+) -> str:
+    """Final metric mean ± std per k (rows) and variant (columns), as Markdown.
 
-    Like Goyal et al.'s Table 1 / Figure 3; k = 1 shows the reference in every column. The
-    last column is the gradual-warmup error minus the reference error (if both were run).
+    Like Goyal et al.'s Table 1 / Figure 3 (test error %, or any ``summarize`` metric such as
+    validation bits per byte); k = 1 shows the reference in every column. The last column is
+    ``delta_variant``'s value minus the reference's (if both were run), with ``digits``
+    decimals like the cells.
     """
     by = {(r["group"], r["k"]): r for r in summary}
     reference = {r["k"]: r for r in summary if r["group"] == REFERENCE}.get(1)
     ks = sorted({r["k"] for r in summary})
-    head = ["k", "kn", "updates", *(v.replace("_", " ") for v in variants), "Δ gradual − ref"]
+    label = "gradual" if delta_variant == "gradual_warmup" else delta_variant.replace("_", " ")
+    head = ["k", "kn", "updates", *(v.replace("_", " ") for v in variants), f"Δ {label} − ref"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in ks:
         rows = [reference if k == 1 else by.get((v, k)) for v in variants]
         any_row = next(r for r in [*rows, reference] if r)
-        gradual = reference if k == 1 else by.get(("gradual_warmup", k))
-        delta = f"{gradual['mean'] - reference['mean']:+.2f}" if gradual and reference else "–"
+        other = reference if k == 1 else by.get((delta_variant, k))
+        delta = f"{other['mean'] - reference['mean']:+.{digits}f}" if other and reference else "–"
         cells = [str(k), str(any_row["global_batch_size"]), str(any_row["parameter_updates"])]
-        lines.append("| " + " | ".join([*cells, *map(_cell, rows), delta]) + " |")
+        values = [_cell(r, digits) for r in rows]
+        lines.append("| " + " | ".join([*cells, *values, delta]) + " |")
     return "\n".join(lines)
 
 
 def smith_table(summary: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> str:
-    """Final test accuracy (%) mean ± std and parameter updates per mode, as Markdown.
+    """Final metric mean ± std and parameter updates per mode, as Markdown.
 
-    Updates are also given relative to ``decay_lr`` and accuracy as the difference from it (if
-    ``decay_lr`` was run). ``summary`` must come from ``summarize(records, "test_accuracy")``.
+    Updates are also given relative to ``decay_lr`` and the metric as the difference from it
+    (if ``decay_lr`` was run). ``summary`` comes from ``summarize(records, metric)`` with a
+    metric of `METRICS`: ``test_accuracy`` (shown in %) or ``validation_bits_per_byte``.
     """
     plans = {r["group"]: r["plan"] for r in records}
     base = next((r for r in summary if r["group"] == "decay_lr"), None)
+    label, scale, digits = METRICS[summary[0]["metric"] if summary else "test_accuracy"]
     head = ["mode", "batch per phase", "lr per phase", "momentum", "updates", "updates / decay_lr"]
-    head += ["test accuracy %", "Δ vs decay_lr"]
+    head += [label, "Δ vs decay_lr"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary:
         phases = plans[row["group"]]["phases"]
-        acc = {key: 100 * row[key] for key in ("mean", "std")}
+        value = {key: scale * row[key] for key in ("mean", "std")}
         cells = [
             row["group"],
             ", ".join(str(p["global_batch_size"]) for p in phases),
@@ -454,8 +549,8 @@ def smith_table(summary: Sequence[dict[str, Any]], records: Sequence[dict[str, A
             f"{phases[0]['momentum']:g}",
             str(row["parameter_updates"]),
             f"{row['parameter_updates'] / base['parameter_updates']:.2f}" if base else "–",
-            _cell(acc),
-            f"{100 * (row['mean'] - base['mean']):+.2f}" if base else "–",
+            _cell(value, digits),
+            f"{scale * (row['mean'] - base['mean']):+.{digits}f}" if base else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
