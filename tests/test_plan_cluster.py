@@ -323,11 +323,6 @@ def test_make_plan_rejects_a_plan_for_another_data_set_size(tmp_path):
         make_plan(ExperimentConfig(plan_path=str(path)), 1437)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_plan lets FileNotFoundError through (train.py: traceback, exit 1); "
-    "requested of the lead in /tmp/h2_requests.md",
-)
 def test_read_plan_missing_file_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="plan_path"):
         read_plan(str(tmp_path / "no_such_plan.json"))
@@ -405,14 +400,7 @@ def _bad_plans(tmp_path):
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param(
-            "missing_file",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="read_plan lets FileNotFoundError through (traceback, exit 1); "
-                "requested of the lead in /tmp/h2_requests.md",
-            ),
-        ),
+        "missing_file",
         "no_phases",
         "other_dataset_size",
     ],

@@ -71,6 +71,8 @@ def test_noise_scale_rejects_bad_input(kwargs, name):
 
 PURE_MODULES = (  # layer 1: no TensorFlow, no Keras
     "_validation", "scaling", "phases", "rampup", "plan_growth", "trainer_config", "goodput",
+    "goodput_allreduce", "goodput_throughput", "goodput_efficiency", "goodput_search",
+    "goodput_goyal", "goodput_local",
 )  # fmt: skip
 
 _PURE_LOADER = """

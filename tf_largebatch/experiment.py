@@ -147,8 +147,15 @@ def read_plan(path: str) -> PhasePlan:
     """
     import json
 
-    with open(path, encoding="utf-8") as f:
-        value = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        why = error.strerror if isinstance(error, OSError) else error
+        raise ValueError(
+            f"Argument `plan_path` must name a readable JSON file. Received: plan_path={path!r} "
+            f"({why})"
+        ) from error
     for key in ("recommendation", "current"):
         if isinstance(value, dict) and key in value:
             value = value[key]
