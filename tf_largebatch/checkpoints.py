@@ -97,6 +97,9 @@ class RunState:
       worker: ``(task_type, task_id)`` of this worker (names its temporary directory).
       trackables: objects to checkpoint (model, optimizer, ...).
       max_to_keep: checkpoints kept.
+      async_writes: write checkpoints in the background (`tf.train.CheckpointOptions`'s
+        asynchronous checkpointing): ``save`` snapshots the variables and returns; `sync`
+        waits for the writes.
 
     Attributes:
       epoch, phase, step_in_epoch, steps_run: int64 counters saved with every checkpoint.
@@ -110,8 +113,14 @@ class RunState:
         worker: tuple[str, int],
         trackables: dict[str, Any],
         max_to_keep: int,
+        async_writes: bool = False,
     ) -> None:
         self.model_dir, self.is_chief = model_dir, is_chief
+        self._options = tf.train.CheckpointOptions(
+            experimental_enable_async_checkpoint=async_writes
+        )
+        if async_writes:
+            _allow_async_copies_of_keras_variables()
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.phase = tf.Variable(0, dtype=tf.int64, trainable=False, name="phase")
         self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -188,12 +197,21 @@ class RunState:
         return None
 
     def save(self, step: int) -> None:
-        """A checkpoint numbered by the global step (every worker calls this)."""
+        """A checkpoint numbered by the global step (every worker calls this).
+
+        With ``async_writes`` the variables are copied now and written by a background
+        thread (the next save, `sync` or `finish` waits for it).
+        """
         if self._manager is None:
             self._manager = tf.train.CheckpointManager(
                 self.checkpoint, os.path.join(self._write_dir, "ckpt"), self._max_to_keep
             )
-        self._manager.save(checkpoint_number=step)
+        self._manager.save(checkpoint_number=step, options=self._options)
+
+    def sync(self) -> None:
+        """Waits until every checkpoint write started so far is on disk."""
+        if self._options.experimental_enable_async_checkpoint:
+            self.checkpoint.sync()
 
     def write(self, name: str, value: Any) -> None:
         """Writes ``model_dir/name`` as JSON on the chief (a no-op on other workers)."""
@@ -205,6 +223,34 @@ class RunState:
         self.write("plan.json", {"initial": initial.to_dict(), "current": current.to_dict()})
 
     def finish(self) -> None:
-        """Removes this worker's temporary checkpoint directory (non-chief workers)."""
+        """Waits for checkpoint writes; removes this worker's temporary checkpoint directory
+        (non-chief workers)."""
+        self.sync()
         if not self.is_chief and tf.io.gfile.exists(self._write_dir):
             tf.io.gfile.rmtree(self._write_dir)
+
+
+def _allow_async_copies_of_keras_variables() -> None:
+    """Lets TensorFlow's asynchronous checkpointing copy Keras 3 variables.
+
+    The async checkpointer copies every variable to a CPU twin inside a `tf.function` that
+    makes the twins on its first call and assigns them afterwards. Keras 3.15's
+    ``Variable._copy_trackable_to_cpu`` makes a new `tf.Variable` on every call, which a
+    `tf.function` refuses on its second trace ("tf.function only supports singleton
+    tf.Variables created on the first call"). This gives it the make-once-then-assign form
+    of TensorFlow's own ``ResourceVariable._copy_trackable_to_cpu``. Idempotent.
+    """
+    from keras.src.backend.tensorflow.core import Variable
+
+    if getattr(Variable._copy_trackable_to_cpu, "_tf_largebatch", False):  # noqa: SLF001
+        return
+
+    def _copy_trackable_to_cpu(self: Any, object_map: Any) -> None:
+        self.value._copy_trackable_to_cpu(object_map)  # noqa: SLF001 (the tf.Variable's)
+        if self not in object_map:
+            object_map[self] = tf.Variable(object_map[self.value])
+        else:
+            object_map[self].assign(object_map[self.value])
+
+    _copy_trackable_to_cpu._tf_largebatch = True  # type: ignore[attr-defined]
+    Variable._copy_trackable_to_cpu = _copy_trackable_to_cpu  # noqa: SLF001

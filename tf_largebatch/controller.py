@@ -18,6 +18,7 @@ for Ctrl-C). Rerunning the same command resumes from that step.
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -33,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_largebatch import callbacks as callbacks_lib
+from tf_largebatch.device_data import DeviceFeed
 from tf_largebatch.fitting import set_momentum
 from tf_largebatch.phases import Phase
 
@@ -156,11 +158,19 @@ class Controller:
         self._signal = {"signum": 0}
         self._setup_start: float | None = None
         self._segments_of: Any = None
+        self._step: int | None = None
+        # TensorBoard summaries are written by one background thread, in order, off the
+        # training loop's path (joined at the end of the run).
+        self._bookkeeping = concurrent.futures.ThreadPoolExecutor(1, "tf_largebatch_summaries")
+        self._pending: list[concurrent.futures.Future[None]] = []
 
     # ---- position ---------------------------------------------------------------------------
 
     def step(self) -> int:
-        return int(self.t.state.steps_run.numpy())
+        """The global step (``RunState.steps_run``, mirrored on the host: no device read)."""
+        if self._step is None:
+            self._step = int(self.t.state.steps_run.numpy())
+        return self._step
 
     def _segment(self, step: int) -> Any:
         """The plan's segment holding `step` (a bisection over the cached segment starts)."""
@@ -175,26 +185,35 @@ class Controller:
         return seg
 
     def _ensure_pipeline(self, step: int) -> tuple[Any, Phase, int]:
-        """The iterator for the phase of `step`, built (from `step`'s position) on a change."""
+        """What the compiled call from `step` reads, the phase and the segment's end step.
+
+        On a change of phase: the phase hooks, the phase's momentum, and (for the `tf.data`
+        path) a new input pipeline from `step`'s position. With the training set on the devices
+        (`Trainer.device_data`), a `DeviceFeed` for `step`'s position instead.
+        """
         t = self.t
         seg = self._segment(step)
         phase = t.plan.phases[seg.phase_index]
+        device_data = t.device_data
         if self._built != (seg.phase_index, phase):
             first = self._built is None
             if not first:
                 callbacks_lib.call_phase_hook(self.callbacks, "on_phase_end", *self._built)
             self._setup_start = time.perf_counter() if not first else None
             epoch, offset = t.plan.position_at_step(step)
-            last_epoch = max(s.epoch for s in t.plan.segments() if s.phase_index == seg.phase_index)
             inner = getattr(t.optimizer, "inner_optimizer", t.optimizer)
             if set_momentum(inner, phase.momentum):
                 t.train_step.retrace()  # Keras's SGD bakes its momentum into the trace
             t.state.phase.assign(seg.phase_index)
-            dataset_fn = make_dataset_fn(
-                self.source, phase.global_batch_size, seed=t.config.seed, start_epoch=epoch,
-                end_epoch=last_epoch + 1, example_offset=offset,
-            )  # fmt: skip
-            self._iterator = iter(t.strategy.distribute_datasets_from_function(dataset_fn))
+            if device_data is None:
+                last_epoch = max(
+                    s.epoch for s in t.plan.segments() if s.phase_index == seg.phase_index
+                )
+                dataset_fn = make_dataset_fn(
+                    self.source, phase.global_batch_size, seed=t.config.seed,
+                    start_epoch=epoch, end_epoch=last_epoch + 1, example_offset=offset,
+                )  # fmt: skip
+                self._iterator = iter(t.strategy.distribute_datasets_from_function(dataset_fn))
             self._built = (seg.phase_index, phase)
             callbacks_lib.call_phase_hook(self.callbacks, "on_phase_begin", *self._built)
             _log.info(
@@ -202,7 +221,12 @@ class Controller:
                 "learning rate %.4g, momentum %g", seg.phase_index, step, epoch + 1, offset,
                 phase.global_batch_size, phase.learning_rate, phase.momentum,
             )  # fmt: skip
-        return self._iterator, phase, seg.start_step + seg.num_steps
+        feed = self._iterator
+        if device_data is not None:
+            device_data.load_epoch(seg.epoch)
+            start = seg.example_offset + (step - seg.start_step) * phase.global_batch_size
+            feed = DeviceFeed(device_data, start, phase.global_batch_size)
+        return feed, phase, seg.start_step + seg.num_steps
 
     # ---- the run ----------------------------------------------------------------------------
 
@@ -213,8 +237,12 @@ class Controller:
         fill_history(callbacks.callbacks[-1], self.records)  # the resumed epochs too
         logs: dict[str, Any] = {}
         with stop_signals() as self._signal:
-            while self.step() < t.plan.total_steps and not t.model.stop_training:
-                logs = self._epoch(int(t.state.epoch.numpy()))
+            try:
+                while self.step() < t.plan.total_steps and not t.model.stop_training:
+                    logs = self._epoch(int(t.state.epoch.numpy()))
+            finally:  # also on Preempted or an error: the last checkpoint reaches the disk
+                t.state.sync()
+                self._join_bookkeeping()
         if self._built is not None:
             callbacks_lib.call_phase_hook(callbacks, "on_phase_end", *self._built)
         self.stopped_early = self.step() < t.plan.total_steps
@@ -267,6 +295,7 @@ class Controller:
             examples += n * gbs
             loss_total += loss_sum
             t.state.steps_run.assign(step)
+            self._step = step
             t.state.step_in_epoch.assign(step - first_step)
             logs = {"loss": loss_total / (step - start_step)}
             logs.update({k: float(v) for k, v in metrics.items()})
@@ -320,7 +349,8 @@ class Controller:
         }
         record = history_record(epoch, logs, extra)
         self.records.append(record)
-        self._summaries(record)
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._bookkeeping.submit(self._summaries, record))
         t.state.write("history.json", self.records)  # before the checkpoint that needs it
         t.state.save(t.iterations())
         return logs
@@ -346,6 +376,13 @@ class Controller:
             step,
             signum,
         )
+
+    def _join_bookkeeping(self) -> None:
+        """Waits for the background summaries (raising what failed there)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        self._bookkeeping.shutdown(wait=True)
 
     def _summaries(self, record: dict[str, Any]) -> None:
         with self.writer.as_default(step=record["steps"]):

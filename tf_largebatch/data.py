@@ -549,6 +549,11 @@ class ArraySource:
     def num_examples(self) -> int:
         return len(self.x)
 
+    @property
+    def element(self) -> tuple[np.ndarray, np.ndarray]:
+        """The examples as ``(x, y)`` (what `device_data.DeviceArrays` holds)."""
+        return (self.x, self.y)
+
     def make_dataset_fn(self, global_batch_size: int, **kwargs: Any) -> DatasetFn:
         """`make_dataset_fn` over this source's arrays."""
         return make_dataset_fn(self.x, self.y, global_batch_size, **kwargs)

@@ -22,6 +22,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tf_largebatch.device_data import DeviceArrays, DeviceFeed
 from tf_largebatch.noise import NoiseScaleEstimator, gradient_noise_components, squared_norm
 
 
@@ -83,9 +84,19 @@ class TrainStep:
         self._steps = tf.function(self._steps_fn)
 
     def __call__(
-        self, iterator: Any, num_steps: int, num_micro: int, vote: float = 0.0
+        self, feed: Any, num_steps: int, num_micro: int, vote: float = 0.0
     ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:
-        return self._steps(iterator, tf.constant(num_steps), num_micro, tf.constant(vote))
+        """Runs `num_steps` steps on batches from `feed`: a distributed iterator, or a
+        `device_data.DeviceFeed` (batches gathered in-graph from arrays on the devices)."""
+        if isinstance(feed, DeviceFeed):
+            source: Any = feed.data
+            start, batch = feed.start, feed.global_batch_size
+        else:
+            source, start, batch = feed, 0, 0
+        return self._steps(
+            source, tf.constant(num_steps), num_micro, tf.constant(vote),
+            tf.constant(start, tf.int64), tf.constant(batch, tf.int64),
+        )  # fmt: skip
 
     # ---- hooks ------------------------------------------------------------------------------
 
@@ -160,6 +171,12 @@ class TrainStep:
             self.optimizer.apply_gradients(zip(grads, variables))
         return tf.stack([loss, vote]), g2, trace
 
+    def _gathered_replica_step(
+        self, data: DeviceArrays, start: Any, batch: Any, num_micro: int, vote: Any
+    ) -> tuple[Any, Any, Any]:
+        """`_replica_step` on this replica's piece of the batch gathered from the devices."""
+        return self._replica_step(data.replica_batch(start, batch), num_micro, vote)
+
     @tf.autograph.experimental.do_not_convert
     def _apply_reduced(self, grads: list[Any], variables: list[Any]) -> None:
         """Applies gradients that are all-reduced already.
@@ -210,14 +227,21 @@ class TrainStep:
         return grads, g2, trace
 
     def _steps_fn(
-        self, iterator: Any, num_steps: tf.Tensor, num_micro: int, vote: tf.Tensor
-    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:
+        self, source: Any, num_steps: tf.Tensor, num_micro: int, vote: tf.Tensor,
+        start: tf.Tensor, batch: tf.Tensor,
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:  # fmt: skip
         self.trace_count += 1  # Python side effect: runs once per trace
         loss_sum, votes = tf.constant(0.0), tf.constant(0.0)
-        for _ in tf.range(num_steps):
-            both, g2, trace = self.strategy.run(
-                self._replica_step, args=(next(iterator), num_micro, vote)
-            )
+        for i in tf.range(num_steps):
+            if isinstance(source, DeviceArrays):  # the batch is gathered on each replica
+                position = start + tf.cast(i, tf.int64) * batch
+                both, g2, trace = self.strategy.run(
+                    self._gathered_replica_step, args=(source, position, batch, num_micro, vote)
+                )
+            else:
+                both, g2, trace = self.strategy.run(
+                    self._replica_step, args=(next(source), num_micro, vote)
+                )
             both = self.strategy.reduce(tf.distribute.ReduceOp.SUM, both, axis=None)
             loss_sum += both[0]
             votes = both[1]

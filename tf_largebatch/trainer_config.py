@@ -49,6 +49,17 @@ class TrainerConfig:
       adaptive_learning_rate_rule: how the learning rate follows a grown batch
         (``"linear"``, ``"sqrt"``, ``"keep"``; see `noise.scaled_learning_rate_for_batch`).
       adaptive_min_steps: steps the estimator must have seen before a decision.
+      in_graph_data_max_bytes: training arrays up to this size are copied once to every
+        replica's device and each step's batch is gathered inside the compiled loop
+        (`device_data.DeviceArrays`, the same batches as the `tf.data` path, without its
+        per-step cost); larger ones, datasets and ``dataset_fn``s use `tf.data`. 0: always
+        `tf.data`. Each replica holds a copy: lower it when device memory is short.
+      async_checkpoints: write checkpoints in a background thread from a copy of the
+        variables (TensorFlow's asynchronous checkpointing), so that the next steps do not
+        wait for the file writes; the run waits for the last write before it returns. None
+        (default): on when the replicas are GPUs or TPUs (the host is idle while they
+        compute), off on CPU-only replicas, where the writer thread competes with the
+        training for the same cores (measured in BUILD_NOTES.md).
     """
 
     model_dir: str
@@ -69,6 +80,8 @@ class TrainerConfig:
     adaptive_factor: int = 2
     adaptive_learning_rate_rule: str = "linear"
     adaptive_min_steps: int = 20
+    in_graph_data_max_bytes: int = 256 * 2**20
+    async_checkpoints: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -80,6 +93,7 @@ class TrainerConfig:
         check_positive_int("max_checkpoints_to_keep", self.max_checkpoints_to_keep)
         check_positive_int("eval_batch_size", self.eval_batch_size)
         check_positive_int("eval_every_epochs", self.eval_every_epochs)
+        check_non_negative_int("in_graph_data_max_bytes", self.in_graph_data_max_bytes)
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_momentum("noise_scale_beta", self.noise_scale_beta)
         if self.adaptive_max_global_batch_size is not None:

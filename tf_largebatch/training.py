@@ -36,6 +36,7 @@ import keras
 import tensorflow as tf
 
 from tf_largebatch import callbacks as callbacks_lib
+from tf_largebatch import device_data as device_data_lib
 from tf_largebatch import distribute as distribute_lib
 from tf_largebatch import inputs as inputs_lib
 from tf_largebatch import noise as noise_lib
@@ -49,6 +50,7 @@ from tf_largebatch.controller import (
     Preempted,  # noqa: F401 (re-exported)
     fill_history,
 )
+from tf_largebatch.device_data import DeviceArrays
 from tf_largebatch.phases import PhasePlan
 from tf_largebatch.steps import EvalStep, TrainStep
 from tf_largebatch.trainer_config import (  # noqa: F401 (re-exported)
@@ -144,6 +146,7 @@ class Trainer:
             worker=distribute_lib.worker_info(self.strategy),
             trackables=trackables,
             max_to_keep=config.max_checkpoints_to_keep,
+            async_writes=self._async_checkpoints(),
         )
         self.train_step = TrainStep(
             self.model, self.optimizer, self.strategy,
@@ -151,6 +154,7 @@ class Trainer:
         )  # fmt: skip
         self.eval_step = EvalStep(self.model, self.strategy, self._eval_loss)
         self.results: dict[str, Any] = {}
+        self.device_data: DeviceArrays | None = None  # the training set on the devices
         self._built = False
         self.epoch_notes: dict[str, Any] = {}  # what controller actions record for the epoch
 
@@ -214,16 +218,19 @@ class Trainer:
             k = 2 if per_replica % 2 == 0 else micro_batches(per_replica, per_replica - 1)
         return k
 
-    def _build(self, dataset_fn: inputs_lib.DatasetFn) -> None:
+    def _build(self, data: inputs_lib.DatasetFn | DeviceArrays) -> None:
         """Builds model, compiled loss/metrics and optimizer eagerly under the scope.
 
         Keras builds them on the first batch; inside a traced distributed step that fails
-        (keras-team/keras#23085), so they are built here from the element spec.
+        (keras-team/keras#23085), so they are built here from the element spec (of the
+        `DeviceArrays`, or of a pipeline `data` makes).
         """
         if self._built:
             return
-        context = tf.distribute.InputContext(1, 0, self.num_replicas)
-        spec = dataset_fn(context).element_spec
+        if isinstance(data, DeviceArrays):
+            spec = data.element_spec
+        else:
+            spec = data(tf.distribute.InputContext(1, 0, self.num_replicas)).element_spec
         with self.strategy.scope():
             self.model._symbolic_build(data_batch=spec)  # noqa: SLF001 (model.fit does this)
             if not self.optimizer.built:
@@ -378,7 +385,8 @@ class Trainer:
             if not isinstance(validation_data, (tuple, list)):
                 parts = (validation_data,)
             validation = inputs_lib.EvalDataset(*parts, batch_size=cfg.eval_batch_size)
-        self._build(self._first_dataset_fn(source))
+        self.device_data = self._device_data(source)
+        self._build(self.device_data or self._first_dataset_fn(source))
         tf.io.gfile.makedirs(cfg.model_dir)
         records = self._restore()
         self.state.write_plan(self.initial_plan, self.plan)
@@ -407,6 +415,21 @@ class Trainer:
         if self.is_chief and cfg.save_model:
             self.model.save(os.path.join(cfg.model_dir, "model.keras"))
         return history
+
+    def _async_checkpoints(self) -> bool:
+        """``config.async_checkpoints``, None resolved: on for GPU/TPU replicas."""
+        if self.config.async_checkpoints is not None:
+            return self.config.async_checkpoints
+        return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+    def _device_data(self, source: Any) -> DeviceArrays | None:
+        """The training arrays on the devices, when they qualify (`device_data.eligible`)."""
+        element = getattr(source, "element", None)
+        if element is None or getattr(source, "shuffle", True) is not True:
+            return None
+        if not device_data_lib.eligible(element, self.config.in_graph_data_max_bytes):
+            return None
+        return DeviceArrays(element, self.strategy, seed=self.config.seed)
 
     def _first_dataset_fn(self, source: Any) -> inputs_lib.DatasetFn:
         """A pipeline of the first phase (its element spec builds the model)."""
