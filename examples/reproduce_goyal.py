@@ -139,6 +139,17 @@ COLORS = {
     "sqrt_gradual_warmup": "tab:cyan",
     "sqrt_no_warmup": "tab:pink",
 }
+# Legend and panel names: which rule each variant scales η by.
+LABELS = {
+    "gradual_warmup": "linear, gradual warmup",
+    "no_warmup": "linear, no warmup",
+    "constant_warmup": "linear, constant warmup",
+    "no_scaling": "no scaling",
+    "gradual_warmup_uncorrected": "linear, gradual warmup, uncorrected",
+    "no_warmup_uncorrected": "linear, no warmup, uncorrected",
+    "sqrt_gradual_warmup": "sqrt, gradual warmup",
+    "sqrt_no_warmup": "sqrt, no warmup",
+}
 MEASURED = ("parameter_updates", "noise_scale_epoch1", "hessian_top_eigenvalue")
 MEASURED += ("perturbed_loss_increase",)
 
@@ -256,7 +267,7 @@ def plot_training_loss(records, ks, variants, warmup_epochs, path):
                 ax.fill_between(x, lo, hi, color=COLORS[variant], alpha=0.2, lw=0)
                 if ALL_GOYAL_VARIANTS[variant]["warmup"] != "none":
                     ax.axvline(warmup_epochs, color="grey", ls=":", lw=1)
-                ax.set_title(f"{variant.replace('_', ' ')}, kn = {k * n}")
+                ax.set_title(f"{LABELS[variant]}, kn = {k * n}", fontsize=9)
             ax.legend(fontsize=7, loc="upper right")
             if row == len(grid) - 1:
                 ax.set_xlabel("epoch")
@@ -292,7 +303,7 @@ def plot_error_vs_batch(summary, variants, path):
             [min(r["mean"], top) for r in rows],
             yerr=[r["std"] if r["mean"] < top else 0 for r in rows],
             marker="o",
-            label=variant.replace("_", " "),
+            label=LABELS[variant],
             **style,
         )
         for xi, r in zip(x, rows):
@@ -314,7 +325,7 @@ def plot_error_vs_batch(summary, variants, path):
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.minorticks_off()
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(f"Final {label} vs batch (mean ± std over seeds; clipped at {top:.3g})")
+    ax.set_title(f"Final {label} vs batch (mean ± std; clipped at {top:.3g})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -116,8 +116,8 @@ QUICK = {
 # --dataset=text: the language-model study of docs/RESULTS.md (Adam = AdamW without decay).
 TEXT = {
     **{"optimizer": "adamw", "weight_decay": 0.0, "global_batch_size": 8},
-    **{"base_learning_rate": 3e-3, "max_global_batch_size": 16, "epochs": 6},
-    **{"decay_epochs": ["2", "4"], "decay_factor": 0.5, "seeds": 3},
+    **{"base_learning_rate": 3e-3, "max_global_batch_size": 32, "epochs": 8},
+    **{"decay_epochs": ["2", "4", "6"], "decay_factor": 0.5, "seeds": 3},
     "modes": ["decay_lr", "hybrid", "grow_batch", "no_decay"],
 }
 TEXT_MAX_BYTES = 100_000  # --dataset=text without :MAX_BYTES
