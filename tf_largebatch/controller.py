@@ -222,10 +222,9 @@ class Controller:
                 phase.global_batch_size, phase.learning_rate, phase.momentum,
             )  # fmt: skip
         feed = self._iterator
-        if device_data is not None:
-            device_data.load_epoch(seg.epoch)
+        if device_data is not None:  # the step loads π_epoch itself when the epoch changes
             start = seg.example_offset + (step - seg.start_step) * phase.global_batch_size
-            feed = DeviceFeed(device_data, start, phase.global_batch_size)
+            feed = DeviceFeed(device_data, seg.epoch, start, phase.global_batch_size)
         return feed, phase, seg.start_step + seg.num_steps
 
     # ---- the run ----------------------------------------------------------------------------
@@ -294,9 +293,7 @@ class Controller:
             step += n
             examples += n * gbs
             loss_total += loss_sum
-            t.state.steps_run.assign(step)
-            self._step = step
-            t.state.step_in_epoch.assign(step - first_step)
+            self._step = step  # the state's counters are assigned when a checkpoint is saved
             logs = {"loss": loss_total / (step - start_step)}
             logs.update({k: float(v) for k, v in metrics.items()})
             if t.noise_estimator is not None:
@@ -309,7 +306,7 @@ class Controller:
                 cfg.checkpoint_every_steps
                 and step % cfg.checkpoint_every_steps == 0 < end_step - step
             ):
-                t.state.save(t.iterations())
+                self._save(step, step - first_step)
         return self._end_epoch(epoch, logs, start_step, step, examples, start)
 
     def _end_epoch(
@@ -338,7 +335,6 @@ class Controller:
             logs.update({f"val_{k}": v for k, v in val.items()})
         if complete:
             t.state.epoch.assign(epoch + 1)
-            t.state.step_in_epoch.assign(0)
         self.callbacks.on_epoch_end(epoch, logs)
         extra = {
             "phase": plan.phase_index(epoch),
@@ -352,8 +348,15 @@ class Controller:
         self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(self._bookkeeping.submit(self._summaries, record))
         t.state.write("history.json", self.records)  # before the checkpoint that needs it
-        t.state.save(t.iterations())
+        self._save(step, 0 if complete else step - first_step)
         return logs
+
+    def _save(self, step: int, step_in_epoch: int) -> None:
+        """A checkpoint at `step` (the state's position counters are set first)."""
+        state = self.t.state
+        state.steps_run.assign(step)
+        state.step_in_epoch.assign(step_in_epoch)
+        state.save(self.t.iterations())
 
     def _learning_rate_at(self, step: int) -> float:
         """The optimizer's learning rate at `step` (its schedule: the plan's or the user's)."""

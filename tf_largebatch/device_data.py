@@ -71,29 +71,47 @@ class DeviceArrays:
             self.permutation = tf.Variable(
                 tf.range(self.num_examples, dtype=tf.int64), trainable=False, name="permutation"
             )
-        self._epoch: int | None = None
+            self.loaded_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False, name="epoch")
 
-    def load_epoch(self, epoch: int) -> None:
-        """Puts π_epoch in place (a no-op if it is there already)."""
-        if epoch != self._epoch:
-            epoch_t = tf.constant(epoch, tf.int64)
-            order = _permutation(self.num_examples, self.seed, epoch_t, self.shuffle)
+    def load_epoch(self, epoch: Any) -> None:
+        """Puts π_epoch in place unless it is there already (eagerly or in a `tf.function`:
+        the compiled step calls it with the epoch of its first batch, cross-replica)."""
+        epoch = tf.convert_to_tensor(epoch, tf.int64)
+
+        def load() -> tf.Tensor:
+            order = _permutation(self.num_examples, self.seed, epoch, self.shuffle)
             self.permutation.assign(tf.cast(order, tf.int64))
-            self._epoch = epoch
+            self.loaded_epoch.assign(epoch)
+            return tf.constant(True)
+
+        tf.cond(tf.equal(self.loaded_epoch, epoch), lambda: tf.constant(False), load)
+
+    def replica_indices(
+        self, start: tf.Tensor, global_batch_size: tf.Tensor, num_steps: tf.Tensor
+    ) -> tf.Tensor:
+        """In replica context: this replica's example indices for `num_steps` steps from
+        example `start` of π_e, shape [num_steps, global_batch_size / replicas] (computed once
+        per compiled call, so that a step only slices a row and gathers)."""
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync
+        replica = tf.cast(context.replica_id_in_sync_group, tf.int64)
+        window = self.permutation[start : start + tf.cast(num_steps, tf.int64) * global_batch_size]
+        per_step = tf.reshape(window, [-1, replicas, global_batch_size // replicas])
+        return tf.gather(per_step, replica, axis=1)
+
+    def gather(self, indices: tf.Tensor) -> Any:
+        """The examples at `indices` (one row of `replica_indices`), from this replica's copy."""
+        return tf.nest.map_structure(lambda t: tf.gather(t, indices), self.tensors)
 
     def replica_batch(self, start: tf.Tensor, global_batch_size: tf.Tensor) -> Any:
         """In replica context: this replica's piece of π_e[start : start + global_batch_size]."""
-        context = tf.distribute.get_replica_context()
-        per_replica = global_batch_size // context.num_replicas_in_sync
-        replica = tf.cast(context.replica_id_in_sync_group, tf.int64)
-        first = start + replica * per_replica
-        indices = self.permutation[first : first + per_replica]
-        return tf.nest.map_structure(lambda t: tf.gather(t, indices), self.tensors)
+        return self.gather(self.replica_indices(start, global_batch_size, 1)[0])
 
 
 class DeviceFeed:
-    """What one compiled call reads: `DeviceArrays` from example `start` of the loaded epoch,
+    """What one compiled call reads: `DeviceArrays` from example `start` of π_epoch,
     ``global_batch_size`` examples a step (the controller's counterpart of an iterator)."""
 
-    def __init__(self, data: DeviceArrays, start: int, global_batch_size: int) -> None:
-        self.data, self.start, self.global_batch_size = data, start, global_batch_size
+    def __init__(self, data: DeviceArrays, epoch: int, start: int, global_batch_size: int) -> None:
+        self.data, self.epoch = data, epoch
+        self.start, self.global_batch_size = start, global_batch_size

@@ -55,8 +55,9 @@ class TrainStep:
     Calling it returns ``(loss_sum, metrics, b_simple, votes)``: the sum over the steps run of
     the global-batch losses, the compiled metrics over the epoch so far (``{name: value}``), the
     estimator's B_simple after the last step (NaN without an estimator), and the sum over
-    replicas of ``vote`` (the controller's stop flag, reduced with the loss: > 0 on every
-    worker as soon as one worker voted).
+    replicas of ``vote`` (the controller's stop flag: > 0 on every worker as soon as one
+    worker voted). Losses and votes are summed on each replica during the call and across
+    replicas once at its end, not at every step (one reduction per call).
     """
 
     def __init__(
@@ -72,6 +73,15 @@ class TrainStep:
         self.noise_estimator = noise_estimator
         self.trace_count = 0
         self._jit_compile = jit_compile
+        # Per-replica sums kept on each replica during a call and added across replicas once,
+        # at its end (SUM on read): the training loss, and the stop votes.
+        on_read, total = tf.VariableSynchronization.ON_READ, tf.VariableAggregation.SUM
+        with strategy.scope():
+            self._loss_total, self._votes = (
+                tf.Variable(0.0, trainable=False, synchronization=on_read, aggregation=total,
+                            name=name)
+                for name in ("loss_total", "votes")
+            )  # fmt: skip
         self.retrace()
 
     def retrace(self) -> None:
@@ -90,12 +100,12 @@ class TrainStep:
         `device_data.DeviceFeed` (batches gathered in-graph from arrays on the devices)."""
         if isinstance(feed, DeviceFeed):
             source: Any = feed.data
-            start, batch = feed.start, feed.global_batch_size
+            position = (feed.epoch, feed.start, feed.global_batch_size)
         else:
-            source, start, batch = feed, 0, 0
+            source, position = feed, (0, 0, 0)
         return self._steps(
             source, tf.constant(num_steps), num_micro, tf.constant(vote),
-            tf.constant(start, tf.int64), tf.constant(batch, tf.int64),
+            tf.constant(position, tf.int64),
         )  # fmt: skip
 
     # ---- hooks ------------------------------------------------------------------------------
@@ -140,7 +150,7 @@ class TrainStep:
         self.update_metrics(x, y, y_pred, sample_weight)
         return loss, grads
 
-    def _replica_step(self, data: Any, num_micro: int, vote: Any) -> tuple[Any, Any, Any]:
+    def _replica_step(self, data: Any, num_micro: int) -> tuple[Any, Any]:
         variables = self.model.trainable_variables
         measure = self.noise_estimator is not None
         small_sq = tf.constant(0.0)
@@ -162,20 +172,25 @@ class TrainStep:
                 if measure:
                     small_sq += squared_norm(part_grads)
         g2 = trace = tf.constant(0.0)
-        size = tf.cast(tf.shape(tf.nest.flatten(data)[0])[0], tf.float32)
         if measure:
+            size = tf.cast(tf.shape(tf.nest.flatten(data)[0])[0], tf.float32)
             grads, g2, trace = self._noise_components(grads, small_sq, size, num_micro)
         if measure and self.strategy.num_replicas_in_sync > 1:
             self._apply_reduced(grads, variables)
         else:
             self.optimizer.apply_gradients(zip(grads, variables))
-        return tf.stack([loss, vote]), g2, trace
+        self._loss_total.assign_add(loss)
+        return g2, trace
+
+    def _start_totals(self, vote: Any) -> None:
+        self._loss_total.assign(0.0)
+        self._votes.assign(vote)
 
     def _gathered_replica_step(
-        self, data: DeviceArrays, start: Any, batch: Any, num_micro: int, vote: Any
-    ) -> tuple[Any, Any, Any]:
+        self, data: DeviceArrays, indices: Any, step: Any, num_micro: int
+    ) -> tuple[Any, Any]:
         """`_replica_step` on this replica's piece of the batch gathered from the devices."""
-        return self._replica_step(data.replica_batch(start, batch), num_micro, vote)
+        return self._replica_step(data.gather(tf.gather(indices, step)), num_micro)
 
     @tf.autograph.experimental.do_not_convert
     def _apply_reduced(self, grads: list[Any], variables: list[Any]) -> None:
@@ -228,23 +243,23 @@ class TrainStep:
 
     def _steps_fn(
         self, source: Any, num_steps: tf.Tensor, num_micro: int, vote: tf.Tensor,
-        start: tf.Tensor, batch: tf.Tensor,
+        position: tf.Tensor,
     ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:  # fmt: skip
+        """`position`: (epoch, first example, global batch) for `DeviceArrays`, else unused."""
         self.trace_count += 1  # Python side effect: runs once per trace
-        loss_sum, votes = tf.constant(0.0), tf.constant(0.0)
+        self.strategy.run(self._start_totals, args=(vote,))
+        if isinstance(source, DeviceArrays):  # each replica gathers its batches
+            source.load_epoch(position[0])
+            indices = self.strategy.run(
+                source.replica_indices, args=(position[1], position[2], num_steps)
+            )
         for i in tf.range(num_steps):
-            if isinstance(source, DeviceArrays):  # the batch is gathered on each replica
-                position = start + tf.cast(i, tf.int64) * batch
-                both, g2, trace = self.strategy.run(
-                    self._gathered_replica_step, args=(source, position, batch, num_micro, vote)
+            if isinstance(source, DeviceArrays):
+                g2, trace = self.strategy.run(
+                    self._gathered_replica_step, args=(source, indices, i, num_micro)
                 )
             else:
-                both, g2, trace = self.strategy.run(
-                    self._replica_step, args=(next(source), num_micro, vote)
-                )
-            both = self.strategy.reduce(tf.distribute.ReduceOp.SUM, both, axis=None)
-            loss_sum += both[0]
-            votes = both[1]
+                g2, trace = self.strategy.run(self._replica_step, args=(next(source), num_micro))
             if self.noise_estimator is not None:  # identical on every replica: take the first
                 local = self.strategy.experimental_local_results
                 self.noise_estimator.update(local(g2)[0], local(trace)[0])
@@ -254,7 +269,7 @@ class TrainStep:
             else tf.constant(float("nan"))
         )
         metrics = metric_results(self.model, [self.model._loss_tracker])
-        return loss_sum, metrics, b_simple, votes
+        return self._loss_total.read_value(), metrics, b_simple, self._votes.read_value()
 
 
 class EvalStep:
