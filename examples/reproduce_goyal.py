@@ -117,7 +117,7 @@ QUICK = {
 TEXT = {
     **{"optimizer": "adamw", "global_batch_size": 8, "base_learning_rate": 3e-3},
     **{"epochs": 4, "decay_epochs": ["3"], "decay_factor": 0.1, "warmup_epochs": 0.5},
-    **{"ks": ["1", "4", "16"], "seeds": 3, "steps_per_execution": 16, "weight_decay": 0.0},
+    **{"ks": ["1", "2", "4", "16"], "seeds": 3, "steps_per_execution": 16, "weight_decay": 0.0},
     "variants": ["sqrt_gradual_warmup", "gradual_warmup", "sqrt_no_warmup", "no_scaling"],
     **{"measure_noise_scale": True, "measure_sharpness": False, "sharpness_max_examples": 256},
 }
