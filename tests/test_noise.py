@@ -395,3 +395,22 @@ def test_adapt_plan_decides_at_epoch_ends():
         "learning_rate": pytest.approx(0.4),
     }
     assert [p.global_batch_size for p in grown.phases] == [32, 128, 128]
+
+
+def test_fold_sums_equals_one_update_per_step():
+    """A compiled call folds its m finite steps at once; the averages equal m `update` calls."""
+    steps = [(1.0, 10.0), (math.inf, 5.0), (3.0, 30.0), (2.0, 25.0), (4.0, math.nan)]
+    one_by_one, at_once = NoiseScaleEstimator(0.9), NoiseScaleEstimator(0.9)
+    for estimator in (one_by_one, at_once):
+        estimator.update(2.0, 64.0)  # a state from an earlier call
+    for g2, trace in steps:
+        one_by_one.update(g2, trace)
+    sums, folded = np.zeros(2), 0
+    for pair in steps:
+        if all(math.isfinite(v) for v in pair):
+            sums, folded = 0.9 * sums + np.array(pair), folded + 1
+    at_once.fold_sums(sums[0], sums[1], folded, len(steps))
+    assert float(at_once.g2()) == pytest.approx(float(one_by_one.g2()), rel=1e-6)
+    assert float(at_once.trace()) == pytest.approx(float(one_by_one.trace()), rel=1e-6)
+    assert int(at_once.count.numpy()) == int(one_by_one.count.numpy()) == 4
+    assert int(at_once.skipped.numpy()) == int(one_by_one.skipped.numpy()) == 2

@@ -91,10 +91,15 @@ def squared_norm(tensors: Iterable[Any]) -> tf.Tensor:
     Returns:
       A float32 scalar tensor (0.0 for an empty list).
     """
-    total = tf.constant(0.0, tf.float32)
-    for tensor in (t for t in tensors if t is not None):
-        total += tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(tensor), tf.float32)))
-    return total
+    # l2_loss(t) = Σt²/2 in one kernel (square and sum would be two ops a tensor)
+    halves = [
+        tf.nn.l2_loss(tf.cast(tf.convert_to_tensor(t), tf.float32))
+        for t in tensors
+        if t is not None
+    ]
+    if not halves:
+        return tf.constant(0.0, tf.float32)
+    return 2.0 * tf.add_n(halves)
 
 
 class NoiseScaleEstimator(tf.Module):
@@ -139,15 +144,24 @@ class NoiseScaleEstimator(tf.Module):
         A pair with a non-finite member (inf or NaN) is not folded in: it only increments
         ``skipped``. No Python control flow, so it traces into a `tf.function` unchanged.
         """
-        beta = tf.constant(self.beta, tf.float32)
         g2, trace = tf.cast(g2, tf.float32), tf.cast(trace, tf.float32)
         finite = tf.logical_and(tf.math.is_finite(g2), tf.math.is_finite(trace))
-        for ema, value in ((self.ema_g2, g2), (self.ema_trace, trace)):
-            # Select the value first: inf·0 would still be NaN in an arithmetic mask.
-            ema.assign(tf.where(finite, beta * ema + (1.0 - beta) * value, ema))
-        self.count.assign_add(tf.cast(finite, tf.int64))
-        self.skipped.assign_add(1 - tf.cast(finite, tf.int64))
+        zero = tf.constant(0.0)
+        # Select the value first: inf·0 would still be NaN in an arithmetic mask.
+        self.fold_sums(tf.where(finite, g2, zero), tf.where(finite, trace, zero), finite, 1)
         return self.b_simple()
+
+    def fold_sums(self, g2_sum: Any, trace_sum: Any, folded: Any, steps: Any) -> None:
+        """`steps` updates at once, of which the `folded` finite ones count: with
+        S = Σ_j β^(m−1−j)·x_j over those m (in order), m ← β^m·m + (1 − β)·S for each average,
+        exactly what m calls of `update` give (the others only add to ``skipped``)."""
+        beta = tf.constant(self.beta, tf.float32)
+        folded = tf.cast(folded, tf.int64)
+        decay = tf.pow(beta, tf.cast(folded, tf.float32))
+        for ema, total in ((self.ema_g2, g2_sum), (self.ema_trace, trace_sum)):
+            ema.assign(decay * ema + (1.0 - beta) * tf.cast(total, tf.float32))
+        self.count.assign_add(folded)
+        self.skipped.assign_add(tf.cast(steps, tf.int64) - folded)
 
     def _corrected(self, ema: tf.Variable) -> tf.Tensor:
         correction = 1.0 - tf.pow(tf.constant(self.beta), tf.cast(self.count, tf.float32))

@@ -150,7 +150,7 @@ class TrainStep:
         self.update_metrics(x, y, y_pred, sample_weight)
         return loss, grads
 
-    def _replica_step(self, data: Any, num_micro: int) -> tuple[Any, Any]:
+    def _replica_step(self, data: Any, num_micro: int) -> tf.Tensor:
         variables = self.model.trainable_variables
         measure = self.noise_estimator is not None
         small_sq = tf.constant(0.0)
@@ -171,16 +171,15 @@ class TrainStep:
                 grads = [g + p for g, p in zip(grads, part_grads)]
                 if measure:
                     small_sq += squared_norm(part_grads)
-        g2 = trace = tf.constant(0.0)
+        norms = tf.zeros([3])
         if measure:
-            size = tf.cast(tf.shape(tf.nest.flatten(data)[0])[0], tf.float32)
-            grads, g2, trace = self._noise_components(grads, small_sq, size, num_micro)
+            grads, norms = self._reduce_with_norms(grads, small_sq, data, num_micro)
         if measure and self.strategy.num_replicas_in_sync > 1:
             self._apply_reduced(grads, variables)
         else:
             self.optimizer.apply_gradients(zip(grads, variables))
         self._loss_total.assign_add(loss)
-        return g2, trace
+        return norms
 
     def _start_totals(self, vote: Any) -> None:
         self._loss_total.assign(0.0)
@@ -188,7 +187,7 @@ class TrainStep:
 
     def _gathered_replica_step(
         self, data: DeviceArrays, indices: Any, step: Any, num_micro: int
-    ) -> tuple[Any, Any]:
+    ) -> tf.Tensor:
         """`_replica_step` on this replica's piece of the batch gathered from the devices."""
         return self._replica_step(data.gather(tf.gather(indices, step)), num_micro)
 
@@ -216,30 +215,46 @@ class TrainStep:
             for o in optimizers:
                 vars(o).pop("_all_reduce_sum_gradients", None)
 
-    def _noise_components(
-        self, grads: list[Any], small_sq: Any, replica_batch: tf.Tensor, num_micro: int
-    ) -> tuple[list[Any], Any, Any]:
-        """Small batch b = B/(replicas·micro-batches): each part's gradient is (b/B)·G_small."""
+    def _reduce_with_norms(
+        self, grads: list[Any], small_sq: Any, data: Any, num_micro: int
+    ) -> tuple[list[Any], tf.Tensor]:
+        """All-reduces the gradients together with the small-batch squared norms.
+
+        Returns the summed gradients and ``[|G_small|², |G_big|², replica batch]``: the mean
+        over the replicas' parts (b = B/(replicas·micro-batches) examples each; a part's
+        gradient is (b/B)·G_small) of the small-batch gradients' squared norms, and the squared
+        norm of the all-reduced gradient. The estimator's arithmetic on them runs once per step
+        outside the replicas and once per call (`_fold_noise`).
+        """
         context = tf.distribute.get_replica_context()
         replicas = self.strategy.num_replicas_in_sync
         parts = float(replicas * num_micro)
-        global_batch_size = replica_batch * replicas
-        small_sq = small_sq * parts * parts / num_micro  # mean of |G_small|² on this replica
+        small_sq = small_sq * (parts * parts / num_micro / replicas)  # this replica's share
         if replicas > 1:  # one batched all-reduce for the gradients and the small norms
-            *reduced, small_sq = context.all_reduce(
-                tf.distribute.ReduceOp.SUM, [*grads, small_sq / replicas]
-            )
-            big_sq = squared_norm(reduced)
-            grads = reduced
-        else:
-            big_sq = squared_norm(grads)
+            *grads, small_sq = context.all_reduce(tf.distribute.ReduceOp.SUM, [*grads, small_sq])
+        size = tf.cast(tf.shape(tf.nest.flatten(data)[0])[0], tf.float32)
+        norms = tf.stack([small_sq, squared_norm(grads)])
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)  # grads are scaled
-            small_sq, big_sq = small_sq / scale**2, big_sq / scale**2
-        g2, trace = gradient_noise_components(
-            small_sq, big_sq, global_batch_size / parts, global_batch_size
-        )
-        return grads, g2, trace
+            norms = norms / tf.square(scale)
+        return grads, tf.concat([norms, [size]], 0)
+
+    def _fold_noise(
+        self, sums: tf.Tensor, folded: tf.Tensor, num_steps: tf.Tensor, norms: tf.Tensor,
+        num_micro: int,
+    ) -> None:  # fmt: skip
+        """Folds a call's steps into the estimator (McCandlish et al. 2018, App. A.1).
+
+        `sums` holds Σ_j β^(m−1−j)·[|G_small|², |G_big|²]_j over the m = `folded` steps whose
+        norms were finite (a step with a non-finite one, e.g. a float16 overflow, is skipped).
+        The estimates g2 and trace are linear in the two norms with coefficients fixed by the
+        call's batch sizes, so the m per-step EMA updates equal one update with these sums.
+        """
+        replicas = self.strategy.num_replicas_in_sync
+        big_batch = norms[2] * replicas
+        small_batch = big_batch / float(replicas * num_micro)
+        g2_sum, trace_sum = gradient_noise_components(sums[0], sums[1], small_batch, big_batch)
+        self.noise_estimator.fold_sums(g2_sum, trace_sum, folded, tf.cast(num_steps, tf.int64))
 
     def _steps_fn(
         self, source: Any, num_steps: tf.Tensor, num_micro: int, vote: tf.Tensor,
@@ -253,21 +268,27 @@ class TrainStep:
             indices = self.strategy.run(
                 source.replica_indices, args=(position[1], position[2], num_steps)
             )
+        estimator = self.noise_estimator
+        beta = estimator.beta if estimator is not None else 0.0
+        sums, folded, norms = tf.zeros([2]), tf.constant(0, tf.int64), tf.ones([3])
         for i in tf.range(num_steps):
             if isinstance(source, DeviceArrays):
-                g2, trace = self.strategy.run(
+                replica_norms = self.strategy.run(
                     self._gathered_replica_step, args=(source, indices, i, num_micro)
                 )
             else:
-                g2, trace = self.strategy.run(self._replica_step, args=(next(source), num_micro))
-            if self.noise_estimator is not None:  # identical on every replica: take the first
-                local = self.strategy.experimental_local_results
-                self.noise_estimator.update(local(g2)[0], local(trace)[0])
-        b_simple = (
-            self.noise_estimator.b_simple()
-            if self.noise_estimator is not None
-            else tf.constant(float("nan"))
-        )
+                replica_norms = self.strategy.run(
+                    self._replica_step, args=(next(source), num_micro)
+                )
+            if estimator is not None:  # identical on every replica: take the first
+                norms = self.strategy.experimental_local_results(replica_norms)[0]
+                finite = tf.reduce_all(tf.math.is_finite(norms))
+                sums = tf.where(finite, beta * sums + norms[:2], sums)
+                folded += tf.cast(finite, tf.int64)
+        b_simple = tf.constant(float("nan"))
+        if estimator is not None:  # the call's steps folded into the averages at once
+            self._fold_noise(sums, folded, num_steps, norms, num_micro)
+            b_simple = estimator.b_simple()
         metrics = metric_results(self.model, [self.model._loss_tracker])
         return self._loss_total.read_value(), metrics, b_simple, self._votes.read_value()
 
