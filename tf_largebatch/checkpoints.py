@@ -119,6 +119,7 @@ class RunState:
         self._options = tf.train.CheckpointOptions(
             experimental_enable_async_checkpoint=async_writes
         )
+        self._async_used = async_writes
         if async_writes:
             _allow_async_copies_of_keras_variables()
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -206,11 +207,24 @@ class RunState:
             self._manager = tf.train.CheckpointManager(
                 self.checkpoint, os.path.join(self._write_dir, "ckpt"), self._max_to_keep
             )
-        self._manager.save(checkpoint_number=step, options=self._options)
+        if not self._options.experimental_enable_async_checkpoint:
+            self._manager.save(checkpoint_number=step)
+            return
+        try:
+            self._manager.save(checkpoint_number=step, options=self._options)
+        except (ValueError, TypeError, NotImplementedError, tf.errors.OpError) as error:
+            # TensorFlow's asynchronous checkpointing is experimental: if it cannot copy some
+            # variable, the run goes on with synchronous writes rather than stopping.
+            _log.warning(
+                "Asynchronous checkpointing failed (%s: %s); writing checkpoints synchronously.",
+                type(error).__name__, str(error).strip().splitlines()[0] if str(error) else "",
+            )  # fmt: skip
+            self._options = tf.train.CheckpointOptions()
+            self._manager.save(checkpoint_number=step)
 
     def sync(self) -> None:
         """Waits until every checkpoint write started so far is on disk."""
-        if self._options.experimental_enable_async_checkpoint:
+        if self._async_used:
             self.checkpoint.sync()
 
     def write(self, name: str, value: Any) -> None:
