@@ -92,7 +92,9 @@ flags.DEFINE_bool("measure_noise_scale", False, "Measure B_simple (McCandlish) i
 flags.DEFINE_bool("measure_sharpness", False, "Measure the final models' sharpness.")
 flags.DEFINE_integer("sharpness_max_examples", 2000, "Training examples the sharpness uses.")
 flags.DEFINE_float(
-    "sharpness_perturbation_size", 1e-3, "Relative size ‖δ‖/‖w‖ of the sharpness perturbations."
+    "sharpness_perturbation_size",
+    0.05,
+    "Relative size ‖δ‖/‖w‖ of the sharpness perturbations (≥ 0.05 to be measurable).",
 )
 flags.DEFINE_integer("sharpness_num_perturbations", 5, "Random perturbations averaged.")
 flags.DEFINE_integer("sequence_length", 32, "--dataset=text: context length in bytes.")
