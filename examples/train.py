@@ -110,8 +110,27 @@ flags.DEFINE_integer("verbose", 1, "1: progress bar, 0: quiet.")
 FLAGS = flags.FLAGS
 
 
+# What a --plan file fixes: giving one of these as well would be silently ignored.
+RECIPE_FLAGS = (
+    "mode", "epochs", "decay_epochs", "decay_factor", "base_learning_rate", "base_batch_size",
+    "global_batch_size", "max_global_batch_size", "scaling_rule", "rampup_batch_size", "warmup",
+    "warmup_epochs", "momentum", "scaled_momentum",
+)  # fmt: skip
+
+
 def config_from_flags() -> ExperimentConfig:
-    """The flags as an `ExperimentConfig` (field names are flag names)."""
+    """The flags as an `ExperimentConfig` (field names are flag names).
+
+    Raises:
+      ValueError: --plan given with flags of the recipe it replaces.
+    """
+    if FLAGS.plan is not None:
+        given = [f"--{name}" for name in RECIPE_FLAGS if FLAGS[name].present]
+        if given:
+            raise ValueError(
+                f"Flag --plan fixes the phases (batch sizes, learning rates, momentum, epochs); "
+                f"drop {', '.join(given)} or drop --plan. Received: --plan={FLAGS.plan}"
+            )
     try:
         decay_epochs = tuple(int(e) for e in FLAGS.decay_epochs)
     except ValueError:

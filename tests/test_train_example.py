@@ -202,6 +202,12 @@ def _bad_inputs(tmp_path):
             ["--model=xyz"],
             f"{e}flag --model=xyz: value should be one of <auto|mlp|cnn|cnn1d|resnet20|resnet50>",
         ),
+        "plan_with_recipe_flags": (
+            [f"--plan={a_file}"],
+            f"{e}Flag --plan fixes the phases (batch sizes, learning rates, momentum, epochs); "
+            f"drop --epochs, --decay_epochs, --warmup_epochs or drop --plan. "
+            f"Received: --plan={a_file}",
+        ),
         "mnist1d_bad_count": (
             ["--dataset=mnist1d:15"],
             f"{e}Argument `dataset` must be 'mnist1d' or 'mnist1d:N' with N a multiple of 10, "
@@ -223,6 +229,7 @@ def _bad_inputs(tmp_path):
         "model_dir_inside_a_file",
         "flag_not_an_integer",
         "flag_not_a_choice",
+        "plan_with_recipe_flags",
         "mnist1d_bad_count",
     ],
 )
