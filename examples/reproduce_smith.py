@@ -97,6 +97,10 @@ flags.DEFINE_float(
     "Relative size ‖δ‖/‖w‖ of the sharpness perturbations (≥ 0.05 to be measurable).",
 )
 flags.DEFINE_integer("sharpness_num_perturbations", 5, "Random perturbations averaged.")
+flags.DEFINE_string(
+    "text_files", None,
+    "--dataset=text: a glob of text files (default: the Python standard library's source).",
+)  # fmt: skip
 flags.DEFINE_integer("sequence_length", 32, "--dataset=text: context length in bytes.")
 flags.DEFINE_integer("d_model", 32, "--dataset=text: Transformer width.")
 flags.DEFINE_integer("num_heads", 2, "--dataset=text: attention heads.")
@@ -196,6 +200,7 @@ def study_config():
     default_bytes = TEXT_QUICK_MAX_BYTES if FLAGS.quick else TEXT_MAX_BYTES
     return TextExperimentConfig(
         max_bytes=max_bytes or default_bytes,
+        text_files=FLAGS.text_files,
         sequence_length=FLAGS.sequence_length,
         d_model=FLAGS.d_model,
         num_heads=FLAGS.num_heads,
