@@ -202,6 +202,12 @@ def _bad_inputs(tmp_path):
             ["--model=xyz"],
             f"{e}flag --model=xyz: value should be one of <auto|mlp|cnn|cnn1d|resnet20|resnet50>",
         ),
+        "text_is_train_text": (
+            ["--dataset=text"],
+            f"{e}Argument `dataset`: the byte-level language model trains with "
+            "examples/train_text.py (or examples/reproduce_goyal.py / reproduce_smith.py "
+            "--dataset=text for its studies). Received: dataset='text'",
+        ),
         "plan_with_recipe_flags": (
             [f"--plan={a_file}"],
             f"{e}Flag --plan fixes the phases (batch sizes, learning rates, momentum, epochs); "
@@ -230,6 +236,7 @@ def _bad_inputs(tmp_path):
         "flag_not_an_integer",
         "flag_not_a_choice",
         "plan_with_recipe_flags",
+        "text_is_train_text",
         "mnist1d_bad_count",
     ],
 )

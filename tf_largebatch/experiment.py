@@ -122,6 +122,12 @@ class ExperimentConfig:
     plan_path: str | None = None
 
     def __post_init__(self) -> None:
+        if self.dataset == "text" or self.dataset.startswith("text:"):
+            raise ValueError(
+                "Argument `dataset`: the byte-level language model trains with "
+                "examples/train_text.py (or examples/reproduce_goyal.py / reproduce_smith.py "
+                f"--dataset=text for its studies). Received: dataset={self.dataset!r}"
+            )
         check_choice("mode", self.mode, EXPERIMENT_MODES)
         if self.mode == "adaptive" and self.max_global_batch_size is None:
             raise ValueError("Argument `max_global_batch_size` is required for mode='adaptive'.")
