@@ -16,16 +16,9 @@ Pure Python (no TensorFlow). The pieces, each a small function:
   budget (`grid_search`), and the best point as a `PhasePlan` (`recommendation_plan`).
 - **Goyal et al.'s setup** (`goyal_scaling_efficiency`): ResNet-50 on Big Basin servers.
 
-One synchronous data-parallel update with n = workers × devices_per_worker replicas, global batch
-B and k accumulation steps runs k micro-batches of m = B/(n·k) examples per replica, then one
-all-reduce of the gradients:
-
-    T = k·s·t(m) + C − H,   H = min(o·C, r·s·t(m)),   examples/s = B / T
-
-where C is the all-reduce time, o the share of C that may run during the backward pass, r the
-backward pass's share of the step (≈ 2/3: backward costs about twice the forward), H the hidden
-communication, and s ≥ 1 a compute-sharing factor (1 for devices with their own compute; for
-replicas that share one host's CPU cores, s = n/c once n exceeds the host's c parallel replicas).
+The seconds of one synchronous update, T = k·s·t(m) + C − H (compute of k micro-batches,
+all-reduce C, the part H of it hidden behind the backward pass), are defined and explained in
+`tf_largebatch.goodput_throughput`.
 
 The model lives in five modules, all re-exported here (import from this module):
 
