@@ -1,5 +1,6 @@
 """The controller: phases inside an epoch (ramp-up), resume at any step, elasticity, signals."""
 
+import json
 import os
 import signal
 
@@ -188,3 +189,24 @@ def test_corrupt_latest_checkpoint_falls_back_and_the_run_finishes(
     assert again.results["parameter_updates"] == uninterrupted.results["parameter_updates"]
     for a, b in zip(uninterrupted.model.get_weights(), again.model.get_weights()):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("interval", "replicas"), [(0, 1), (0, 2), (3600, 1), (3600, 2)])
+def test_epoch_end_checkpoints_follow_the_interval(data, tmp_path, interval, replicas):
+    run = trainer(tmp_path, "cadence", replicas, checkpoint_interval_seconds=interval)
+    saved = []
+    save = run.state.save
+    run.state.save = lambda step: (saved.append(step), save(step))
+    run.fit(*data)
+    plan = rampup_plan()
+    # 0: every epoch end; an hour: only the run's last step (always saved)
+    expected = [plan.step_at_epoch(1), plan.total_steps] if interval == 0 else [plan.total_steps]
+    assert saved == expected
+    history = json.loads((tmp_path / "cadence" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+
+
+def test_callback_stop_saves_whatever_the_interval(data, tmp_path):
+    run = trainer(tmp_path, "stopped", checkpoint_interval_seconds=3600)
+    run.fit(*data, callbacks=[StopAt(23)])
+    assert tf.train.latest_checkpoint(str(tmp_path / "stopped" / "ckpt")).endswith("-23")

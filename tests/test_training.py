@@ -140,8 +140,11 @@ def test_interrupted_run_resumes_to_identical_weights(digits, tmp_path, every):
     die = plan.step_at_epoch(2) + 7  # inside the first epoch of the second phase
     with pytest.raises(RuntimeError, match="killed"):
         train(
-            digits, tmp_path, 1, plan, name="cut", die_after_calls=die, checkpoint_every_steps=every
-        )
+            digits, tmp_path, 1, plan, name="cut", die_after_calls=die,
+            checkpoint_every_steps=every, checkpoint_interval_seconds=0,
+        )  # fmt: skip
+    latest = tf.train.latest_checkpoint(str(tmp_path / "cut" / "ckpt"))
+    assert int(latest.rsplit("-", 1)[1]) >= plan.step_at_epoch(2)  # resumes, not from scratch
     resumed, r = train(digits, tmp_path, 1, plan, name="cut", checkpoint_every_steps=every)
     assert r["parameter_updates"] == r_full["parameter_updates"] == plan.total_steps
     assert r["epochs_completed"] == r_full["epochs_completed"] == 4

@@ -7,7 +7,8 @@
   steps done in the current epoch (for checkpoints taken inside an epoch) and steps run;
 - ``plan.json``: the plan the run started from and the plan it follows now (they differ once
   the adaptive policy has grown the batch);
-- ``history.json``: one record per completed epoch; ``results.json`` at the end.
+- ``history.json``: one record per epoch, written with each checkpoint; ``results.json`` at
+  the end.
 
 In multi-worker training every worker saves (the variables may need collectives), but only
 the chief writes into ``model_dir``: the others write to ``model_dir/.tmp_<type>_<id>``, removed
@@ -45,8 +46,9 @@ def write_json(path: str, value: Any) -> None:
     """
     tmp = f"{path}.tmp"
     try:
+        text = json.dumps(value, indent=1)  # one write: GFile pays per write call
         with tf.io.gfile.GFile(tmp, "w") as f:
-            json.dump(value, f, indent=1)
+            f.write(text)
         tf.io.gfile.rename(tmp, path, overwrite=True)
     except BaseException:  # e.g. a value JSON cannot encode, a full disk, Ctrl-C
         if tf.io.gfile.exists(tmp):

@@ -13,6 +13,13 @@ Preemption: SIGTERM or SIGINT (Ctrl-C) sets a flag; every compiled call carries 
 flag in its cross-replica reduction, so all workers learn of it after the same call, save a
 checkpoint at the same step and raise `Preempted` (the binaries exit with status 143, or 130
 for Ctrl-C). Rerunning the same command resumes from that step.
+
+Checkpoints: at an epoch end when the last one is at least
+``TrainerConfig.checkpoint_interval_seconds`` old (0: every epoch end), and always after the
+last step, when a callback stops training, on a stop signal, when the plan changes (adaptive
+batch growth), and every ``checkpoint_every_steps`` steps. Whether an epoch end saves must be
+the same on every worker: each worker's clock votes through the epoch's last compiled call,
+in the same reduction as the stop flag, and all save if any voted.
 """
 
 from __future__ import annotations
@@ -159,6 +166,9 @@ class Controller:
         self._setup_start: float | None = None
         self._segments_of: Any = None
         self._step: int | None = None
+        self._last_save = time.monotonic()
+        self._iterations: int | None = None  # optimizer updates, as the last call returned
+        self._epoch_learning_rate: float | None = None  # at the epoch's first step
         # TensorBoard summaries are written by one background thread, in order, off the
         # training loop's path (joined at the end of the run).
         self._bookkeeping = concurrent.futures.ThreadPoolExecutor(1, "tf_largebatch_summaries")
@@ -171,6 +181,12 @@ class Controller:
         if self._step is None:
             self._step = int(self.t.state.steps_run.numpy())
         return self._step
+
+    def iterations(self) -> int:
+        """The optimizer's updates so far (returned by each call: no device read)."""
+        if self._iterations is None:
+            self._iterations = self.t.iterations()
+        return self._iterations
 
     def _segment(self, step: int) -> Any:
         """The plan's segment holding `step` (a bisection over the cached segment starts)."""
@@ -266,7 +282,8 @@ class Controller:
         callbacks.on_epoch_begin(epoch)
         start_step = step = self.step()
         loss_total, logs, examples = 0.0, {}, 0
-        b_simple = float("nan")
+        b_simple, save_at_end = float("nan"), False
+        self._epoch_learning_rate = None
         start = time.perf_counter()
         while step < end_step and not t.model.stop_training:
             iterator, phase, segment_end = self._ensure_pipeline(step)
@@ -276,10 +293,9 @@ class Controller:
                 n = min(n, cfg.checkpoint_every_steps - step % cfg.checkpoint_every_steps)
             callbacks.on_train_batch_begin(step - first_step)
             vote = float(bool(self._signal["signum"]))
-            loss_sum, metrics, b_simple_t, votes = t.train_step(
-                iterator, n, t._micro_batches(gbs), vote
-            )
-            loss_sum = float(loss_sum)  # waits for the steps to finish
+            save = float(step + n == end_step and self._checkpoint_due())
+            out = t.train_step(iterator, n, t._micro_batches(gbs), vote, save)
+            loss_sum = float(out.loss_sum)  # waits for the steps to finish
             if not math.isfinite(loss_sum):
                 raise NonFiniteLossError(
                     f"The training loss is {loss_sum} at epoch {epoch + 1}, steps "
@@ -294,25 +310,38 @@ class Controller:
             examples += n * gbs
             loss_total += loss_sum
             self._step = step  # the state's counters are assigned when a checkpoint is saved
+            self._iterations = int(out.iterations)
+            if step - n == first_step:
+                self._epoch_learning_rate = float(out.learning_rate)
             logs = {"loss": loss_total / (step - start_step)}
-            logs.update({k: float(v) for k, v in metrics.items()})
+            logs.update({k: float(v) for k, v in out.metrics.items()})
             if t.noise_estimator is not None:
-                b_simple = float(b_simple_t)
-                self.noise_steps.append([t.iterations(), b_simple])
+                b_simple = float(out.b_simple)
+                self.noise_steps.append([self.iterations(), b_simple])
             callbacks.on_train_batch_end(step - first_step - 1, logs)
-            if float(votes) > 0:  # some worker was told to stop: all stop after this call
+            stop_votes, save_votes = (float(v) for v in out.votes.numpy())
+            if stop_votes > 0:  # some worker was told to stop: all stop after this call
                 self._preempt(epoch, logs, start_step, step, examples, start)
+            save_at_end = save_votes > 0
             if (
                 cfg.checkpoint_every_steps
                 and step % cfg.checkpoint_every_steps == 0 < end_step - step
             ):
                 self._save(step, step - first_step)
-        return self._end_epoch(epoch, logs, start_step, step, examples, start)
+        return self._end_epoch(epoch, logs, start_step, step, examples, start, save=save_at_end)
+
+    def _checkpoint_due(self) -> bool:
+        """Whether this worker's clock says the epoch end should save (its vote)."""
+        interval = self.t.config.checkpoint_interval_seconds
+        return time.monotonic() - self._last_save >= interval
 
     def _end_epoch(
         self, epoch: int, logs: dict[str, Any], start_step: int, step: int, examples: int,
-        start: float, evaluate: bool = True,
+        start: float, evaluate: bool = True, save: bool = True,
     ) -> dict[str, Any]:  # fmt: skip
+        """Evaluation, callbacks, history; a checkpoint if `save` (the workers' vote) or one is
+        always due: the last step, a partial epoch (stop signal), a callback's stop, a new
+        plan. Every condition is the same on every worker."""
         t, cfg, plan = self.t, self.t.config, self.t.plan
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
@@ -320,7 +349,11 @@ class Controller:
         first_step = plan.step_at_epoch(epoch)
         complete = step == plan.step_at_epoch(epoch + 1)
         logs.update(
-            learning_rate=self._learning_rate_at(first_step),
+            learning_rate=(
+                self._learning_rate_at(first_step)
+                if self._epoch_learning_rate is None
+                else self._epoch_learning_rate
+            ),
             global_batch_size=plan.batch_size_at_step(first_step),
             momentum=plan.phases[plan.phase_index(epoch)].momentum,
         )
@@ -338,7 +371,7 @@ class Controller:
         self.callbacks.on_epoch_end(epoch, logs)
         extra = {
             "phase": plan.phase_index(epoch),
-            "steps": t.iterations(),
+            "steps": self.iterations(),
             "examples_per_second": examples / max(seconds, 1e-9),
             **({} if complete else {"partial": True}),
             **t.epoch_notes,
@@ -347,16 +380,20 @@ class Controller:
         self.records.append(record)
         self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(self._bookkeeping.submit(self._summaries, record))
-        t.state.write("history.json", self.records)  # before the checkpoint that needs it
-        self._save(step, 0 if complete else step - first_step)
+        if save or not complete or step >= t.plan.total_steps or t.model.stop_training or (
+            t.plan is not plan  # adopted at this epoch end: plan.json and checkpoint agree
+        ):  # fmt: skip
+            self._save(step, 0 if complete else step - first_step)
         return logs
 
     def _save(self, step: int, step_in_epoch: int) -> None:
         """A checkpoint at `step` (the state's position counters are set first)."""
         state = self.t.state
+        state.write("history.json", self.records)  # before the checkpoint that needs it
         state.steps_run.assign(step)
         state.step_in_epoch.assign(step_in_epoch)
-        state.save(self.t.iterations())
+        state.save(self.iterations())
+        self._last_save = time.monotonic()
 
     def _learning_rate_at(self, step: int) -> float:
         """The optimizer's learning rate at `step` (its schedule: the plan's or the user's)."""

@@ -17,7 +17,7 @@ Subclass and override `TrainStep.unpack`, `TrainStep.compute_loss` or
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
@@ -41,6 +41,17 @@ def _overrides_compute_loss(model: keras.Model) -> bool:
     return type(model).compute_loss is not keras.Model.compute_loss
 
 
+class StepOutputs(NamedTuple):
+    """What one compiled training call returns (tensors; the controller reads them once)."""
+
+    loss_sum: tf.Tensor  # the sum over the call's steps of the global-batch losses
+    metrics: dict[str, tf.Tensor]  # the compiled metrics over the epoch so far
+    b_simple: tf.Tensor  # the noise-scale estimate after the last step (NaN: not measured)
+    votes: tf.Tensor  # [stop, save]: the workers' flags summed over replicas
+    learning_rate: tf.Tensor  # the optimizer's learning rate at the call's first step
+    iterations: tf.Tensor  # the optimizer's updates after the call
+
+
 class TrainStep:
     """``num_steps`` training steps in one `tf.function` call, under any strategy.
 
@@ -52,12 +63,17 @@ class TrainStep:
       jit_compile: XLA-compile the per-replica forward/backward pass.
       noise_estimator: if given, updated every step with the |G|² and tr(Σ) estimates.
 
-    Calling it returns ``(loss_sum, metrics, b_simple, votes)``: the sum over the steps run of
-    the global-batch losses, the compiled metrics over the epoch so far (``{name: value}``), the
-    estimator's B_simple after the last step (NaN without an estimator), and the sum over
-    replicas of ``vote`` (the controller's stop flag: > 0 on every worker as soon as one
-    worker voted). Losses and votes are summed on each replica during the call and across
-    replicas once at its end, not at every step (one reduction per call).
+    Calling it returns `StepOutputs`: the sum over the steps run of the global-batch losses,
+    the compiled metrics over the epoch so far (``{name: value}``), the estimator's B_simple
+    after the last step (NaN without an estimator), ``votes``, the sums over replicas of the
+    controller's two flags ``[stop, save]`` (> 0 on every worker as soon as one worker voted),
+    and the learning rate and update count the controller logs (read in the call, not by
+    eager ops between calls). Losses and votes are summed on each replica during the call
+    and across replicas once at its end, not at every step (one reduction per call).
+
+    A call passes one small integer tensor (steps, position, votes) and, for data on the
+    devices, nothing else: the `DeviceArrays` are bound into their own `tf.function` (one per
+    data set), so a call costs TensorFlow's dispatch of a single tensor argument.
     """
 
     def __init__(
@@ -78,9 +94,9 @@ class TrainStep:
         on_read, total = tf.VariableSynchronization.ON_READ, tf.VariableAggregation.SUM
         with strategy.scope():
             self._loss_total, self._votes = (
-                tf.Variable(0.0, trainable=False, synchronization=on_read, aggregation=total,
+                tf.Variable(value, trainable=False, synchronization=on_read, aggregation=total,
                             name=name)
-                for name in ("loss_total", "votes")
+                for value, name in ((0.0, "loss_total"), ([0.0, 0.0], "votes"))
             )  # fmt: skip
         self.retrace()
 
@@ -92,21 +108,31 @@ class TrainStep:
             else self._forward_backward_fn
         )
         self._steps = tf.function(self._steps_fn)
+        # The bound data, its tf.function and that function's concrete function per
+        # micro-batch count (called directly: no signature matching per call).
+        self._bound: tuple[DeviceArrays, Any, dict[int, Any]] | None = None
 
     def __call__(
-        self, feed: Any, num_steps: int, num_micro: int, vote: float = 0.0
-    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:
+        self, feed: Any, num_steps: int, num_micro: int, vote: float = 0.0, save: float = 0.0
+    ) -> StepOutputs:
         """Runs `num_steps` steps on batches from `feed`: a distributed iterator, or a
-        `device_data.DeviceFeed` (batches gathered in-graph from arrays on the devices)."""
-        if isinstance(feed, DeviceFeed):
-            source: Any = feed.data
-            position = (feed.epoch, feed.start, feed.global_batch_size)
-        else:
-            source, position = feed, (0, 0, 0)
-        return self._steps(
-            source, tf.constant(num_steps), num_micro, tf.constant(vote),
-            tf.constant(position, tf.int64),
-        )  # fmt: skip
+        `device_data.DeviceFeed` (batches gathered in-graph from arrays on the devices).
+        `vote` and `save` are this worker's stop and save flags (0 or 1)."""
+        if not isinstance(feed, DeviceFeed):
+            control = tf.constant([num_steps, 0, 0, 0, int(vote), int(save)], tf.int64)
+            return self._steps(feed, control, num_micro)
+        if self._bound is None or self._bound[0] is not feed.data:
+            data = feed.data
+            function = tf.function(lambda control, micro: self._steps_fn(data, control, micro))
+            self._bound = data, function, {}
+        control = [num_steps, feed.epoch, feed.start, feed.global_batch_size, int(vote), int(save)]
+        control_t = tf.constant(control, tf.int64)
+        concrete = self._bound[2].get(num_micro)
+        if concrete is None:  # traced once per micro-batch count; later calls skip dispatch
+            concrete = self._bound[2][num_micro] = self._bound[1].get_concrete_function(
+                control_t, num_micro
+            )
+        return concrete(control_t, num_micro)
 
     # ---- hooks ------------------------------------------------------------------------------
 
@@ -181,9 +207,9 @@ class TrainStep:
         self._loss_total.assign_add(loss)
         return norms
 
-    def _start_totals(self, vote: Any) -> None:
+    def _start_totals(self, votes: Any) -> None:
         self._loss_total.assign(0.0)
-        self._votes.assign(vote)
+        self._votes.assign(votes)
 
     def _gathered_replica_step(
         self, data: DeviceArrays, indices: Any, step: Any, num_micro: int
@@ -257,16 +283,18 @@ class TrainStep:
         self.noise_estimator.fold_sums(g2_sum, trace_sum, folded, tf.cast(num_steps, tf.int64))
 
     def _steps_fn(
-        self, source: Any, num_steps: tf.Tensor, num_micro: int, vote: tf.Tensor,
-        position: tf.Tensor,
-    ) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor, tf.Tensor]:  # fmt: skip
-        """`position`: (epoch, first example, global batch) for `DeviceArrays`, else unused."""
+        self, source: Any, control: tf.Tensor, num_micro: int
+    ) -> StepOutputs:
+        """`control`: [steps, epoch, first example, global batch, stop vote, save vote]; the
+        position (epoch, first example of π_epoch, global batch) is read for `DeviceArrays`."""
         self.trace_count += 1  # Python side effect: runs once per trace
-        self.strategy.run(self._start_totals, args=(vote,))
+        num_steps = control[0]
+        learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)  # before the steps
+        self.strategy.run(self._start_totals, args=(tf.cast(control[4:6], tf.float32),))
         if isinstance(source, DeviceArrays):  # each replica gathers its batches
-            source.load_epoch(position[0])
+            source.load_epoch(control[1])
             indices = self.strategy.run(
-                source.replica_indices, args=(position[1], position[2], num_steps)
+                source.replica_indices, args=(control[2], control[3], num_steps)
             )
         estimator = self.noise_estimator
         beta = estimator.beta if estimator is not None else 0.0
@@ -290,7 +318,10 @@ class TrainStep:
             self._fold_noise(sums, folded, num_steps, norms, num_micro)
             b_simple = estimator.b_simple()
         metrics = metric_results(self.model, [self.model._loss_tracker])
-        return self._loss_total.read_value(), metrics, b_simple, self._votes.read_value()
+        return StepOutputs(
+            self._loss_total.read_value(), metrics, b_simple, self._votes.read_value(),
+            learning_rate, tf.cast(self.optimizer.iterations, tf.int64),
+        )  # fmt: skip
 
 
 class EvalStep:

@@ -11,6 +11,7 @@ import math
 from tf_largebatch._validation import (
     check_choice,
     check_momentum,
+    check_non_negative,
     check_non_negative_int,
     check_positive_int,
 )
@@ -32,6 +33,13 @@ class TrainerConfig:
         at most this many examples whose gradients are summed inside one step.
       steps_per_execution: training steps run inside one compiled call.
       checkpoint_every_steps: also checkpoint every this many steps of an epoch (0: epoch ends).
+      checkpoint_interval_seconds: an epoch end writes a checkpoint only when the last one is
+        at least this many seconds old (0: every epoch end), so that short epochs do not
+        spend their time saving (TF Estimator's ``save_checkpoints_secs`` idea). Always
+        saved whatever the interval: the run's last step, a stop by a callback, a stop
+        signal (SIGTERM / Ctrl-C), a plan change, and every ``checkpoint_every_steps``
+        steps. A run killed without a signal resumes from at most this long (plus one epoch)
+        before the kill.
       max_checkpoints_to_keep: checkpoints kept by the `tf.train.CheckpointManager`.
       eval_batch_size: batch size of the evaluation pass.
       eval_every_epochs: evaluate on the validation data every this many epochs (and after
@@ -67,6 +75,7 @@ class TrainerConfig:
     max_per_replica_batch_size: int | None = None
     steps_per_execution: int = 1
     checkpoint_every_steps: int = 0
+    checkpoint_interval_seconds: float = 60.0
     max_checkpoints_to_keep: int = 2
     eval_batch_size: int = 512
     eval_every_epochs: int = 1
@@ -90,6 +99,7 @@ class TrainerConfig:
             check_positive_int("max_per_replica_batch_size", self.max_per_replica_batch_size)
         check_positive_int("steps_per_execution", self.steps_per_execution)
         check_non_negative_int("checkpoint_every_steps", self.checkpoint_every_steps)
+        check_non_negative("checkpoint_interval_seconds", self.checkpoint_interval_seconds)
         check_positive_int("max_checkpoints_to_keep", self.max_checkpoints_to_keep)
         check_positive_int("eval_batch_size", self.eval_batch_size)
         check_positive_int("eval_every_epochs", self.eval_every_epochs)
