@@ -282,9 +282,7 @@ class TrainStep:
         g2_sum, trace_sum = gradient_noise_components(sums[0], sums[1], small_batch, big_batch)
         self.noise_estimator.fold_sums(g2_sum, trace_sum, folded, tf.cast(num_steps, tf.int64))
 
-    def _steps_fn(
-        self, source: Any, control: tf.Tensor, num_micro: int
-    ) -> StepOutputs:
+    def _steps_fn(self, source: Any, control: tf.Tensor, num_micro: int) -> StepOutputs:
         """`control`: [steps, epoch, first example, global batch, stop vote, save vote]; the
         position (epoch, first example of π_epoch, global batch) is read for `DeviceArrays`."""
         self.trace_count += 1  # Python side effect: runs once per trace
