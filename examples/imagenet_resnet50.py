@@ -65,6 +65,11 @@ flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 flags.DEFINE_integer("max_per_replica_batch_size", None, "Accumulate gradients beyond this.")
 flags.DEFINE_integer("steps_per_execution", _D.steps_per_execution, "Steps per compiled call.")
 flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps.")
+flags.DEFINE_float(
+    "checkpoint_interval_seconds",
+    _D.checkpoint_interval_seconds,
+    "Epoch ends checkpoint at most this often (0: every epoch); the end, signals always save.",
+)
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Evaluation batch size.")
 flags.DEFINE_integer("eval_every_epochs", _D.eval_every_epochs, "Evaluate every N epochs.")
 flags.DEFINE_integer("shuffle_buffer_size", _D.shuffle_buffer_size, "Shuffle buffer (examples).")

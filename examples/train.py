@@ -80,6 +80,11 @@ flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 flags.DEFINE_integer("max_per_replica_batch_size", None, "Accumulate gradients beyond this.")
 flags.DEFINE_integer("steps_per_execution", _D.steps_per_execution, "Steps per compiled call.")
 flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N steps.")
+flags.DEFINE_float(
+    "checkpoint_interval_seconds",
+    _D.checkpoint_interval_seconds,
+    "Epoch ends checkpoint at most this often (0: every epoch); the end, signals always save.",
+)
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the step.")
 flags.DEFINE_enum("mixed_precision", None, ["mixed_float16", "mixed_bfloat16"], "Mixed precision.")
 flags.DEFINE_bool("measure_noise_scale", False, "Estimate the gradient noise scale B_simple.")

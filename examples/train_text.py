@@ -72,6 +72,11 @@ flags.DEFINE_enum(
 flags.DEFINE_integer("num_cpu_devices", None, "Split the CPU into N logical devices.")
 flags.DEFINE_integer("max_per_replica_batch_size", None, "Accumulate gradients beyond this.")
 flags.DEFINE_integer("steps_per_execution", _D.steps_per_execution, "Steps per compiled call.")
+flags.DEFINE_float(
+    "checkpoint_interval_seconds",
+    _D.checkpoint_interval_seconds,
+    "Epoch ends checkpoint at most this often (0: every epoch); the end, signals always save.",
+)
 flags.DEFINE_string("model_dir", _D.model_dir, "Output/checkpoint dir; rerun to resume.")
 flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 flags.DEFINE_integer("verbose", _D.verbose, "1: progress bar, 0: quiet.")

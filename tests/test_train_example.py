@@ -255,7 +255,8 @@ def test_front_door_errors_are_one_line_exit_2_nothing_left(tmp_path, case):
 @pytest.mark.slow
 def test_ctrl_c_says_how_to_resume(tmp_path):
     """SIGINT mid-training: exit 130 and one line saying to rerun the same command."""
-    args = [f"--model_dir={tmp_path}", "--epochs=200", "--decay_epochs=100", "--verbose=0"]
+    args = [f"--model_dir={tmp_path}", "--epochs=200", "--decay_epochs=100", "--verbose=0",
+            "--checkpoint_interval_seconds=0"]  # history.json at every epoch end  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, TRAIN, *args],
         env=ENV,

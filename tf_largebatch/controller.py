@@ -168,6 +168,7 @@ class Controller:
         self._step: int | None = None
         self._last_save = time.monotonic()
         self._iterations: int | None = None  # optimizer updates, as the last call returned
+        self._epochs_done = int(trainer.state.epoch.numpy())  # assigned to the state at saves
         self._epoch_learning_rate: float | None = None  # at the epoch's first step
         # TensorBoard summaries are written by one background thread, in order, off the
         # training loop's path (joined at the end of the run).
@@ -254,7 +255,7 @@ class Controller:
         with stop_signals() as self._signal:
             try:
                 while self.step() < t.plan.total_steps and not t.model.stop_training:
-                    logs = self._epoch(int(t.state.epoch.numpy()))
+                    logs = self._epoch(self._epochs_done)
             finally:  # also on Preempted or an error: the last checkpoint reaches the disk
                 t.state.sync()
                 self._join_bookkeeping()
@@ -367,7 +368,7 @@ class Controller:
             val = t.evaluate(self.validation, callbacks=self.callbacks)
             logs.update({f"val_{k}": v for k, v in val.items()})
         if complete:
-            t.state.epoch.assign(epoch + 1)
+            self._epochs_done = epoch + 1
         self.callbacks.on_epoch_end(epoch, logs)
         extra = {
             "phase": plan.phase_index(epoch),
@@ -390,6 +391,7 @@ class Controller:
         """A checkpoint at `step` (the state's position counters are set first)."""
         state = self.t.state
         state.write("history.json", self.records)  # before the checkpoint that needs it
+        state.epoch.assign(self._epochs_done)
         state.steps_run.assign(step)
         state.step_in_epoch.assign(step_in_epoch)
         state.save(self.iterations())
@@ -423,6 +425,7 @@ class Controller:
         for future in pending:
             future.result()
         self._bookkeeping.shutdown(wait=True)
+        self.writer.flush()  # the writer also flushes by itself every two minutes
 
     def _summaries(self, record: dict[str, Any]) -> None:
         with self.writer.as_default(step=record["steps"]):
@@ -431,7 +434,6 @@ class Controller:
                     continue
                 if math.isfinite(value):
                     tf.summary.scalar(key, value)
-        self.writer.flush()
 
     def results(self) -> dict[str, Any]:
         """The run's results (``results.json``)."""
@@ -444,7 +446,7 @@ class Controller:
             "parameter_updates": t.iterations(),
             # steps a float16 loss scaler skipped on overflow (no update was applied)
             "skipped_steps": self.step() - t.iterations(),
-            "epochs_completed": int(t.state.epoch.numpy()),
+            "epochs_completed": self._epochs_done,
             "stopped_early": self.stopped_early,
             "examples_per_second": (
                 self.examples / self.train_seconds if self.train_seconds else 0.0

@@ -58,6 +58,8 @@ class ExperimentConfig:
       steps_per_execution: training steps per compiled call (fewer host round trips; the
         progress bar and checkpoints still land on exact steps).
       checkpoint_every_steps: extra checkpoints inside an epoch (0: per epoch only).
+      checkpoint_interval_seconds: epoch-end checkpoints at most this often (0: every epoch
+        end; see `TrainerConfig`).
       scaled_momentum: Smith's momentum scaling target (None: off).
       jit_compile: XLA-compile the forward/backward pass.
       mixed_precision: ``None``, ``mixed_float16`` or ``mixed_bfloat16``.
@@ -105,6 +107,7 @@ class ExperimentConfig:
     max_per_replica_batch_size: int | None = None
     steps_per_execution: int = 8
     checkpoint_every_steps: int = 0
+    checkpoint_interval_seconds: float = 60.0
     scaled_momentum: float | None = None
     jit_compile: bool = False
     mixed_precision: str | None = None
@@ -289,6 +292,7 @@ def run_experiment(config: ExperimentConfig, *, on_plan: Any = None) -> dict[str
             max_per_replica_batch_size=config.max_per_replica_batch_size,
             steps_per_execution=config.steps_per_execution,
             checkpoint_every_steps=config.checkpoint_every_steps,
+            checkpoint_interval_seconds=config.checkpoint_interval_seconds,
             verbose=config.verbose,
             jit_compile=config.jit_compile,
             mixed_precision=config.mixed_precision,

@@ -60,6 +60,8 @@ class ImageNetConfig:
       max_per_replica_batch_size: gradient accumulation beyond this per-replica batch.
       steps_per_execution: training steps per compiled call.
       checkpoint_every_steps: extra checkpoints inside an epoch (0: epoch ends only).
+      checkpoint_interval_seconds: epoch-end checkpoints at most this often (0: every epoch
+        end; see `TrainerConfig`).
       eval_batch_size: evaluation batch (each worker evaluates the whole validation split).
       eval_every_epochs: evaluate every this many epochs (and after the last).
       shuffle_buffer_size: per-pipeline shuffle buffer, in examples.
@@ -94,6 +96,7 @@ class ImageNetConfig:
     max_per_replica_batch_size: int | None = None
     steps_per_execution: int = 1
     checkpoint_every_steps: int = 0
+    checkpoint_interval_seconds: float = 60.0
     eval_batch_size: int = 256
     eval_every_epochs: int = 1
     shuffle_buffer_size: int = 10_000

@@ -448,6 +448,8 @@ class TextExperimentConfig:
       num_cpu_devices: split the CPU into this many logical devices (None: as is).
       max_per_replica_batch_size: gradient accumulation beyond this per-replica batch.
       steps_per_execution: training steps per compiled call.
+      checkpoint_interval_seconds: epoch-end checkpoints at most this often (0: every epoch
+        end; see `TrainerConfig`).
       model_dir: checkpoints, TensorBoard logs, ``results.json``, ``model.keras``.
       seed: initialisation and shuffling seed.
       verbose: 1: a progress bar per epoch; 0: quiet.
@@ -485,6 +487,7 @@ class TextExperimentConfig:
     num_cpu_devices: int | None = None
     max_per_replica_batch_size: int | None = None
     steps_per_execution: int = 8
+    checkpoint_interval_seconds: float = 60.0
     model_dir: str = "/tmp/tf_largebatch_text"
     seed: int = 0
     verbose: int = 1
@@ -642,6 +645,7 @@ def run_text_experiment(
             seed=config.seed,
             max_per_replica_batch_size=config.max_per_replica_batch_size,
             steps_per_execution=config.steps_per_execution,
+            checkpoint_interval_seconds=config.checkpoint_interval_seconds,
             verbose=config.verbose,
             measure_noise_scale=config.measure_noise_scale,
             adaptive_max_global_batch_size=(
