@@ -12,6 +12,7 @@ import tensorflow as tf
 from tf_largebatch import plan_phases
 from tf_largebatch.controller import Preempted, make_dataset_fn
 from tf_largebatch.inputs import ArraysSource, DatasetSource
+from tf_largebatch.steps import TrainStep
 from tf_largebatch.training import Trainer, TrainerConfig
 
 N = 1000
@@ -155,6 +156,9 @@ class Dying:
             raise RuntimeError("killed")
         return self.step(*args)
 
+    def __getattr__(self, name):
+        return getattr(self.step, name)
+
 
 def test_killed_inside_the_ramp_resumes_from_the_last_checkpoint(data, tmp_path, uninterrupted):
     run = trainer(tmp_path, "killed", checkpoint_every_steps=7)
@@ -210,3 +214,59 @@ def test_callback_stop_saves_whatever_the_interval(data, tmp_path):
     run = trainer(tmp_path, "stopped", checkpoint_interval_seconds=3600)
     run.fit(*data, callbacks=[StopAt(23)])
     assert tf.train.latest_checkpoint(str(tmp_path / "stopped" / "ckpt")).endswith("-23")
+
+
+class CountingAccuracy(keras.metrics.SparseCategoricalAccuracy):
+    """A metric whose reset_state keeps Python state: it must be reset eagerly."""
+
+    resets = 0
+
+    def reset_state(self):
+        CountingAccuracy.resets += 1
+        super().reset_state()
+
+
+def test_metrics_reset_in_graph_equal_eager_resets(data, tmp_path):
+    def accuracy_by_epoch(name, in_graph):
+        run = trainer(tmp_path, name)
+        run.fit(*data)
+        assert run.train_step.resets_metrics_in_graph is in_graph
+        return [h["accuracy"] for h in run.results["history"]]
+
+    def eager(self):  # the same run with the metrics reset eagerly, as model.fit does
+        return False
+
+    in_graph = accuracy_by_epoch("graph", True)
+    original = TrainStep.resets_metrics_in_graph
+    TrainStep.resets_metrics_in_graph = property(eager)
+    try:
+        eagerly = accuracy_by_epoch("eager", False)
+    finally:
+        TrainStep.resets_metrics_in_graph = original
+    assert in_graph == eagerly  # per-epoch accuracies: reset at each epoch's first call
+
+
+def test_metric_with_its_own_reset_state_is_reset_eagerly(data, tmp_path):
+    def model():
+        m = mlp()
+        m.compile(optimizer=keras.optimizers.SGD(momentum=0.9), loss=m.loss,
+                  metrics=[CountingAccuracy(name="acc")])  # fmt: skip
+        return m
+
+    config = TrainerConfig(model_dir=str(tmp_path / "own"), verbose=0, save_model=False)
+    run = Trainer(model, rampup_plan(), config)
+    CountingAccuracy.resets = 0
+    run.fit(*data)
+    assert run.train_step.resets_metrics_in_graph is False
+    assert CountingAccuracy.resets == rampup_plan().epochs  # once per epoch, in Python
+
+
+def test_plan_momentum_on_an_optimizer_built_without_it_is_a_clear_error(data, tmp_path):
+    def model():
+        m = mlp()
+        m.compile(optimizer="sgd", loss=m.loss)  # Keras SGD, momentum 0: no momentum slots
+        return m
+
+    run = Trainer(model, rampup_plan(), TrainerConfig(model_dir=str(tmp_path / "m0"), verbose=0))
+    with pytest.raises(ValueError, match="built with momentum=0"):
+        run.fit(*data)

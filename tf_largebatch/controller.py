@@ -278,7 +278,9 @@ class Controller:
             {"verbose": int(bool(cfg.verbose) and t.is_chief), "epochs": plan.epochs,
              "steps": end_step - first_step}
         )  # fmt: skip
-        t.model.reset_metrics()
+        in_graph = t.train_step.resets_metrics_in_graph  # else eagerly, here (as model.fit)
+        if not in_graph:
+            t.model.reset_metrics()
         t.epoch_notes = {}
         callbacks.on_epoch_begin(epoch)
         start_step = step = self.step()
@@ -295,7 +297,8 @@ class Controller:
             callbacks.on_train_batch_begin(step - first_step)
             vote = float(bool(self._signal["signum"]))
             save = float(step + n == end_step and self._checkpoint_due())
-            out = t.train_step(iterator, n, t._micro_batches(gbs), vote, save)
+            reset = in_graph and step == start_step  # the epoch's first call resets first
+            out = t.train_step(iterator, n, t._micro_batches(gbs), vote, save, reset)
             loss_sum = float(out.loss_sum)  # waits for the steps to finish
             if not math.isfinite(loss_sum):
                 raise NonFiniteLossError(

@@ -81,6 +81,13 @@ def set_momentum(optimizer: keras.optimizers.Optimizer, momentum: float) -> bool
         return False
     if float(current) == float(momentum):
         return False
+    if momentum and getattr(optimizer, "built", False) and not getattr(optimizer, "momentums", 1):
+        raise ValueError(
+            f"Argument `momentum`: {type(optimizer).__name__} was built with momentum=0, so it "
+            f"has no momentum slots, but the plan's phase uses momentum={momentum}. Compile "
+            f"with SGD(momentum={momentum}) or plan with momentum=0. Received: "
+            f"momentum={momentum}"
+        )
     optimizer.momentum = float(momentum)
     return True
 

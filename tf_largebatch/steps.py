@@ -16,6 +16,7 @@ Subclass and override `TrainStep.unpack`, `TrainStep.compute_loss` or
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -35,6 +36,19 @@ def metric_results(model: keras.Model, skip: Sequence[Any] = ()) -> dict[str, An
         value = metric.result()
         results.update(value if isinstance(value, dict) else {metric.name: value})
     return results
+
+
+def resets_in_graph(metrics: Sequence[Any]) -> bool:
+    """Whether every metric (containers' too) resets with Keras's own ``reset_state``
+    (variable assignments, which trace): then the compiled call can reset them itself. A
+    metric overriding it may keep Python state, so it is reset eagerly, as ``model.fit``
+    does."""
+    for metric in metrics:
+        if not type(metric).reset_state.__module__.startswith("keras."):
+            return False
+        if not resets_in_graph(getattr(metric, "metrics", ())):
+            return False
+    return True
 
 
 def _overrides_compute_loss(model: keras.Model) -> bool:
@@ -71,9 +85,10 @@ class TrainStep:
     eager ops between calls). Losses and votes are summed on each replica during the call
     and across replicas once at its end, not at every step (one reduction per call).
 
-    A call passes one small integer tensor (steps, position, votes) and, for data on the
-    devices, nothing else: the `DeviceArrays` are bound into their own `tf.function` (one per
-    data set), so a call costs TensorFlow's dispatch of a single tensor argument.
+    A call passes one small integer tensor (steps, position, votes, whether to reset the
+    metrics first) and, for data on the devices, nothing else: the `DeviceArrays` are bound
+    into their own `tf.function` (one per data set) whose concrete function is called
+    directly, so a call costs little more than the steps themselves.
     """
 
     def __init__(
@@ -112,20 +127,31 @@ class TrainStep:
         # micro-batch count (called directly: no signature matching per call).
         self._bound: tuple[DeviceArrays, Any, dict[int, Any]] | None = None
 
+    @functools.cached_property
+    def resets_metrics_in_graph(self) -> bool:
+        """Whether a call resets the model's metrics when asked (`resets_in_graph`; read
+        after the metrics are built)."""
+        return resets_in_graph(self.model.metrics)
+
     def __call__(
-        self, feed: Any, num_steps: int, num_micro: int, vote: float = 0.0, save: float = 0.0
-    ) -> StepOutputs:
+        self, feed: Any, num_steps: int, num_micro: int, vote: float = 0.0, save: float = 0.0,
+        reset_metrics: bool = False,
+    ) -> StepOutputs:  # fmt: skip
         """Runs `num_steps` steps on batches from `feed`: a distributed iterator, or a
         `device_data.DeviceFeed` (batches gathered in-graph from arrays on the devices).
-        `vote` and `save` are this worker's stop and save flags (0 or 1)."""
+        `vote` and `save` are this worker's stop and save flags (0 or 1); `reset_metrics`
+        resets the model's metrics before the steps (only if `resets_metrics_in_graph`)."""
+        flags = [int(vote), int(save), int(reset_metrics)]
+        if reset_metrics and not self.resets_metrics_in_graph:
+            raise ValueError("These metrics reset eagerly: call model.reset_metrics().")
         if not isinstance(feed, DeviceFeed):
-            control = tf.constant([num_steps, 0, 0, 0, int(vote), int(save)], tf.int64)
+            control = tf.constant([num_steps, 0, 0, 0, *flags], tf.int64)
             return self._steps(feed, control, num_micro)
         if self._bound is None or self._bound[0] is not feed.data:
             data = feed.data
             function = tf.function(lambda control, micro: self._steps_fn(data, control, micro))
             self._bound = data, function, {}
-        control = [num_steps, feed.epoch, feed.start, feed.global_batch_size, int(vote), int(save)]
+        control = [num_steps, feed.epoch, feed.start, feed.global_batch_size, *flags]
         control_t = tf.constant(control, tf.int64)
         concrete = self._bound[2].get(num_micro)
         if concrete is None:  # traced once per micro-batch count; later calls skip dispatch
@@ -207,6 +233,10 @@ class TrainStep:
         self._loss_total.assign_add(loss)
         return norms
 
+    def _reset_metrics(self) -> tf.Tensor:
+        self.model.reset_metrics()
+        return tf.constant(True)
+
     def _start_totals(self, votes: Any) -> None:
         self._loss_total.assign(0.0)
         self._votes.assign(votes)
@@ -283,10 +313,13 @@ class TrainStep:
         self.noise_estimator.fold_sums(g2_sum, trace_sum, folded, tf.cast(num_steps, tf.int64))
 
     def _steps_fn(self, source: Any, control: tf.Tensor, num_micro: int) -> StepOutputs:
-        """`control`: [steps, epoch, first example, global batch, stop vote, save vote]; the
-        position (epoch, first example of π_epoch, global batch) is read for `DeviceArrays`."""
+        """`control`: [steps, epoch, first example, global batch, stop vote, save vote, reset
+        metrics]; the position (epoch, first example of π_epoch, global batch) is read for
+        `DeviceArrays`."""
         self.trace_count += 1  # Python side effect: runs once per trace
         num_steps = control[0]
+        if self.resets_metrics_in_graph:
+            tf.cond(control[6] > 0, self._reset_metrics, lambda: tf.constant(False))
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)  # before the steps
         self.strategy.run(self._start_totals, args=(tf.cast(control[4:6], tf.float32),))
         if isinstance(source, DeviceArrays):  # each replica gathers its batches
