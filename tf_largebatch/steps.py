@@ -196,7 +196,8 @@ class TrainStep:
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             y_pred = self.model(x, training=True)
-            loss = tf.cast(self.compute_loss(x, y, y_pred, sample_weight), tf.float32) * weight
+            loss = tf.cast(self.compute_loss(x, y, y_pred, sample_weight), tf.float32)
+            loss = loss * weight if weight != 1.0 else loss  # micro-batches: their share
             scaled = self.optimizer.scale_loss(loss)  # loss scaling under mixed float16
         grads = tape.gradient(scaled, variables)
         self.update_metrics(x, y, y_pred, sample_weight)
