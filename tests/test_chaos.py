@@ -123,3 +123,16 @@ def test_preempted_run_resumes_on_another_worker_count(tmp_path, uninterrupted, 
     assert results(model_dir)["parameter_updates"] == UPDATES
     for a, b in zip(weights(uninterrupted), weights(model_dir)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_workers_agree_on_every_epoch_end_checkpoint(tmp_path, uninterrupted):
+    """With a zero interval each worker votes to save at every epoch end: both save together
+    (a worker saving alone would hang on the other) and the run ends as the uninterrupted one."""
+    model_dir = tmp_path / "every_epoch"
+    command = launcher(model_dir)
+    command[command.index("--checkpoint_every_steps=10")] = "--checkpoint_interval_seconds=0"
+    run(command)
+    got, want = results(model_dir), results(uninterrupted)
+    assert got["weights_sha256"] == want["weights_sha256"]
+    kept = sorted(int(p.name[5:-6]) for p in model_dir.glob("ckpt/ckpt-*.index"))
+    assert kept == [UPDATES - 44, UPDATES]  # the last two epoch ends (2 kept; 44 steps each)

@@ -226,9 +226,10 @@ class CountingAccuracy(keras.metrics.SparseCategoricalAccuracy):
         super().reset_state()
 
 
-def test_metrics_reset_in_graph_equal_eager_resets(data, tmp_path):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_metrics_reset_in_graph_equal_eager_resets(data, tmp_path, replicas):
     def accuracy_by_epoch(name, in_graph):
-        run = trainer(tmp_path, name)
+        run = trainer(tmp_path, name, replicas)
         run.fit(*data)
         assert run.train_step.resets_metrics_in_graph is in_graph
         return [h["accuracy"] for h in run.results["history"]]
