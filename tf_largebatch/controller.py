@@ -446,9 +446,9 @@ class Controller:
         plan = t.plan.to_dict()
         results: dict[str, Any] = {
             "final_train_loss": records[-1]["train_loss"] if records else float("nan"),
-            "parameter_updates": t.iterations(),
+            "parameter_updates": self.iterations(),
             # steps a float16 loss scaler skipped on overflow (no update was applied)
-            "skipped_steps": self.step() - t.iterations(),
+            "skipped_steps": self.step() - self.iterations(),
             "epochs_completed": self._epochs_done,
             "stopped_early": self.stopped_early,
             "examples_per_second": (

@@ -81,7 +81,8 @@ def set_momentum(optimizer: keras.optimizers.Optimizer, momentum: float) -> bool
         return False
     if float(current) == float(momentum):
         return False
-    if momentum and getattr(optimizer, "built", False) and not getattr(optimizer, "momentums", 1):
+    slots = getattr(optimizer, "momentums", None)  # Keras's SGD: [] when built with momentum 0
+    if momentum and getattr(optimizer, "built", False) and slots == []:
         raise ValueError(
             f"Argument `momentum`: {type(optimizer).__name__} was built with momentum=0, so it "
             f"has no momentum slots, but the plan's phase uses momentum={momentum}. Compile "
