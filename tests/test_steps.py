@@ -1,4 +1,5 @@
-"""The compiled step's gradient-noise-scale measurement, through the Trainer."""
+"""The compiled step: its gradient-noise-scale measurement (through the Trainer) and its
+compiled loss computed with the batch size known once per call."""
 
 import keras
 import numpy as np
@@ -115,3 +116,98 @@ def test_measuring_does_not_change_training(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert "noise_scale" not in r_plain["history"][0]
     assert np.isfinite(r_measured["history"][-1]["noise_scale"])
+
+
+# ---- the compiled loss computed with the batch size known once per call ----------------------
+
+
+def classifier(vocab=None):
+    """Digits-sized logits; with ``vocab``, per-token logits [b, 6, vocab] from token ids."""
+    if vocab is None:
+        return keras.Sequential([keras.Input((8,)), keras.layers.Dense(10)])
+    return keras.Sequential(
+        [keras.Input((6,), dtype="int32"), keras.layers.Embedding(vocab, 4),
+         keras.layers.Dense(vocab)]
+    )  # fmt: skip
+
+
+LOSS_CASES = {
+    "sparse_ce": (None, {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}),
+    "string_with_weight": (None, {"loss": "sparse_categorical_crossentropy",
+                                  "loss_weights": 0.5}),
+    "per_token": (11, {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
+def test_compiled_loss_shortcut_is_kerass_value(case, replicas):
+    """`TrainStep._compiled_loss` with the batch size known (data on the devices) gives the
+    bits Keras's compiled loss gives on every replica, and is taken for these losses."""
+    from tf_largebatch.optimizers import SGD
+    from tf_largebatch.steps import TrainStep, single_batch_mean_loss
+
+    vocab, compile_kw = LOSS_CASES[case]
+    strategy = strategy_for(replicas)
+    rng = np.random.default_rng(0)
+    batch = 24
+    if vocab is None:
+        x = rng.normal(size=(batch, 8)).astype(np.float32)
+        y = rng.integers(0, 10, size=batch).astype(np.int64)
+    else:
+        x = rng.integers(0, vocab, size=(batch, 6)).astype(np.int32)
+        y = rng.integers(0, vocab, size=(batch, 6)).astype(np.int32)
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = classifier(vocab)
+        model.compile(optimizer=SGD(0.1), **compile_kw)
+    step = TrainStep(model, model.optimizer, strategy)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+    data = next(iter(strategy.experimental_distribute_dataset(dataset)))
+    taken = []
+
+    @tf.function
+    def both(data):
+        step._examples = tf.constant(float(batch // replicas))
+
+        def replica(xb, yb):
+            y_pred = model(xb, training=True)
+            taken.append(single_batch_mean_loss(model._compile_loss, yb, y_pred, None))
+            return step._compiled_loss(yb, y_pred, None), model._compile_loss(yb, y_pred, None)
+
+        return strategy.run(replica, args=data)
+
+    ours, kerass = both(data)
+    step._examples = None
+    assert taken and all(t is not None for t in taken)
+    ours = strategy.experimental_local_results(ours)
+    kerass = strategy.experimental_local_results(kerass)
+    assert len(ours) == replicas
+    for a, b in zip(ours, kerass):
+        assert a.numpy() == b.numpy()  # the same float32, bit for bit
+        assert np.isfinite(a.numpy()) and a.numpy() > 0
+
+
+def test_compiled_loss_shortcut_only_for_one_batch_mean_loss():
+    from tf_largebatch.optimizers import SGD
+    from tf_largebatch.steps import single_batch_mean_loss
+
+    y = tf.constant([1, 2, 3])
+    y_pred = tf.zeros([3, 10])
+
+    def compiled(**kw):
+        model = classifier()
+        model.compile(optimizer=SGD(0.1), **kw)
+        return model._compile_loss
+
+    plain = compiled(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert single_batch_mean_loss(plain, y, y_pred, None) is not None
+    assert single_batch_mean_loss(plain, y, y_pred, tf.ones([3])) is None  # sample weights
+    summed = compiled(loss=keras.losses.SparseCategoricalCrossentropy(reduction="sum"))
+    assert single_batch_mean_loss(summed, y, y_pred, None) is None
+    assert single_batch_mean_loss(None, y, y_pred, None) is None  # no compiled loss
+    two = compiled(loss=["sparse_categorical_crossentropy", "mse"])
+    assert single_batch_mean_loss(two, [y, y], [y_pred, y_pred], None) is None
+    masked = tf.zeros([3, 10])
+    masked._keras_mask = tf.constant([True, True, False])
+    assert single_batch_mean_loss(plain, y, masked, None) is None
