@@ -216,6 +216,40 @@ def test_callback_stop_saves_whatever_the_interval(data, tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path / "stopped" / "ckpt")).endswith("-23")
 
 
+def tensorboard_scalars(log_dir, tag):
+    """``[(step, value)]`` of one scalar in the event files under `log_dir`."""
+    found = []
+    for path in sorted(tf.io.gfile.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    found.append((event.step, float(tf.make_ndarray(value.tensor))))
+    return found
+
+
+@pytest.mark.parametrize("seconds", [0.0, 3600.0])
+def test_tensorboard_gets_every_epoch_in_batches(data, tmp_path, monkeypatch, seconds):
+    """Summaries go to the background thread at most every SUMMARY_SECONDS (0: after every
+    epoch; an hour: once, at the end), and every epoch's scalars reach the event file."""
+    from tf_largebatch import controller
+
+    monkeypatch.setattr(controller, "SUMMARY_SECONDS", seconds)
+    batches = []
+    write = controller.Controller._summaries
+    monkeypatch.setattr(
+        controller.Controller, "_summaries",
+        lambda self, records: (batches.append(len(records)), write(self, records)),
+    )  # fmt: skip
+    run = trainer(tmp_path, "tb")
+    run.fit(*data)
+    plan = rampup_plan()
+    assert batches == ([1, 1] if seconds == 0 else [2])
+    scalars = tensorboard_scalars(str(tmp_path / "tb" / "tensorboard"), "loss")
+    history = run.results["history"]
+    assert [step for step, _ in scalars] == [plan.step_at_epoch(1), plan.total_steps]
+    np.testing.assert_allclose([v for _, v in scalars], [h["loss"] for h in history], rtol=1e-6)
+
+
 class CountingAccuracy(keras.metrics.SparseCategoricalAccuracy):
     """A metric whose reset_state keeps Python state: it must be reset eagerly."""
 

@@ -48,6 +48,7 @@ from tf_largebatch.phases import Phase
 _log = logging.getLogger(__name__)
 PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM  # 143
 INTERRUPTED_EXIT_STATUS = 128 + signal.SIGINT  # 130
+SUMMARY_SECONDS = 5.0  # TensorBoard's summaries are written at most this often (and at the end)
 _BOOKKEEPING = ("epoch", "phase", "steps", "examples_per_second", "partial", "adaptive_decision")
 
 
@@ -171,9 +172,13 @@ class Controller:
         self._epochs_done = int(trainer.state.epoch.numpy())  # assigned to the state at saves
         self._epoch_learning_rate: float | None = None  # at the epoch's first step
         # TensorBoard summaries are written by one background thread, in order, off the
-        # training loop's path (joined at the end of the run).
+        # training loop's path (joined at the end of the run), in batches: the epochs of the
+        # last `SUMMARY_SECONDS` at once. Writing them after every epoch made a short epoch
+        # (a few ms) share the CPU with a summary write every time.
         self._bookkeeping = concurrent.futures.ThreadPoolExecutor(1, "tf_largebatch_summaries")
         self._pending: list[concurrent.futures.Future[None]] = []
+        self._unwritten: list[dict[str, Any]] = []
+        self._last_summaries = time.monotonic()
 
     # ---- position ---------------------------------------------------------------------------
 
@@ -382,8 +387,9 @@ class Controller:
         }
         record = history_record(epoch, logs, extra)
         self.records.append(record)
-        self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self._bookkeeping.submit(self._summaries, record))
+        self._unwritten.append(record)
+        if time.monotonic() - self._last_summaries >= SUMMARY_SECONDS:
+            self._write_summaries()
         if save or not complete or step >= t.plan.total_steps or t.model.stop_training or (
             t.plan is not plan  # adopted at this epoch end: plan.json and checkpoint agree
         ):  # fmt: skip
@@ -422,21 +428,32 @@ class Controller:
             signum,
         )
 
+    def _write_summaries(self) -> None:
+        """Hands the records not yet written (if any) to the background thread."""
+        if not self._unwritten:
+            return
+        records, self._unwritten = self._unwritten, []
+        self._last_summaries = time.monotonic()
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._bookkeeping.submit(self._summaries, records))
+
     def _join_bookkeeping(self) -> None:
-        """Waits for the background summaries (raising what failed there)."""
+        """Writes the last summaries and waits for them (raising what failed there)."""
+        self._write_summaries()
         pending, self._pending = self._pending, []
         for future in pending:
             future.result()
         self._bookkeeping.shutdown(wait=True)
         self.writer.flush()  # the writer also flushes by itself every two minutes
 
-    def _summaries(self, record: dict[str, Any]) -> None:
-        with self.writer.as_default(step=record["steps"]):
-            for key, value in record.items():
-                if key in _BOOKKEEPING[:3] or not isinstance(value, (int, float)):
-                    continue
-                if math.isfinite(value):
-                    tf.summary.scalar(key, value)
+    def _summaries(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            with self.writer.as_default(step=record["steps"]):
+                for key, value in record.items():
+                    if key in _BOOKKEEPING[:3] or not isinstance(value, (int, float)):
+                        continue
+                    if math.isfinite(value):
+                        tf.summary.scalar(key, value)
 
     def results(self) -> dict[str, Any]:
         """The run's results (``results.json``)."""
