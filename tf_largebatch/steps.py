@@ -55,30 +55,6 @@ def _overrides_compute_loss(model: keras.Model) -> bool:
     return type(model).compute_loss is not keras.Model.compute_loss
 
 
-_BATCH_MEAN = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
-
-
-def single_batch_mean_loss(compiled: Any, y: Any, y_pred: Any, sample_weight: Any) -> Any:
-    """``(loss, loss_weight)`` when a compiled loss (Keras's ``CompileLoss``) is one Keras
-    `Loss` on one output, averaged over the batch (``"sum_over_batch_size"``, Keras's default),
-    without sample weights or a Keras mask; else None. Builds `compiled` first if needed, as
-    its first call would."""
-    if compiled is None or sample_weight is not None:
-        return None
-    if tf.nest.is_nested(y) or tf.nest.is_nested(y_pred):
-        return None
-    if getattr(y_pred, "_keras_mask", None) is not None:
-        return None
-    if not compiled.built:
-        compiled.build(y, y_pred)
-    if len(compiled._flat_losses) != 1:  # noqa: SLF001 (Keras's)
-        return None
-    _, loss, weight, _ = compiled._flat_losses[0]  # noqa: SLF001
-    if not isinstance(loss, keras.losses.Loss) or loss.reduction not in _BATCH_MEAN:
-        return None
-    return loss, weight
-
-
 class StepOutputs(NamedTuple):
     """What one compiled training call returns (tensors; the controller reads them once)."""
 
@@ -128,9 +104,6 @@ class TrainStep:
         self.noise_estimator = noise_estimator
         self.trace_count = 0
         self._jit_compile = jit_compile
-        # While a call for data on the devices is traced: the examples each replica's
-        # (micro-)batch holds, a float32 tensor computed once per call (`_compiled_loss`).
-        self._examples: tf.Tensor | None = None
         # Per-replica sums kept on each replica during a call and added across replicas once,
         # at its end (SUM on read): the training loss, and the stop votes.
         on_read, total = tf.VariableSynchronization.ON_READ, tf.VariableAggregation.SUM
@@ -203,50 +176,12 @@ class TrainStep:
         """
         if _overrides_compute_loss(self.model):
             return self.model.compute_loss(x, y, y_pred, sample_weight, training=True)
-        loss = self._compiled_loss(y, y_pred, sample_weight)
+        loss = self.model._compile_loss(y, y_pred, sample_weight)  # noqa: SLF001 (Keras's)
         loss = tf.cast(loss, tf.float32) if loss is not None else tf.constant(0.0)
         if self.model.losses:
             reg = tf.add_n([tf.cast(v, tf.float32) for v in self.model.losses])
             loss += tf.nn.scale_regularization_loss(reg)
         return loss
-
-    def _compiled_loss(self, y: Any, y_pred: Any, sample_weight: Any) -> Any:
-        """Keras's compiled loss (``model._compile_loss``; None without one).
-
-        For one Keras loss averaged over the batch (`single_batch_mean_loss`), while a call
-        knows its batch size (``self._examples``, data on the devices), Keras's own arithmetic
-        is done here: the loss's per-example values, their sum divided by their count, times
-        1/replicas, times the loss weight. Keras reads the count from the values' shape at
-        every step (Shape, Prod, Cast, DivNoNan, and a five-op gradient of DivNoNan); here it
-        is known once per call, so the step's critical path is about ten ops shorter. The
-        value is the same: the count is the same integer, and DivNoNan divides as RealDiv
-        when the count is not 0.
-        """
-        compiled = self.model._compile_loss  # noqa: SLF001 (Keras's)
-        single = single_batch_mean_loss(compiled, y, y_pred, sample_weight)
-        if single is None or self._examples is None:
-            return compiled(y, y_pred, sample_weight) if compiled is not None else None
-        loss_fn, weight = single
-        values = loss_fn.call(
-            keras.ops.convert_to_tensor(y, dtype=loss_fn.dtype),
-            keras.ops.convert_to_tensor(y_pred, dtype=loss_fn.dtype),
-        )  # as keras.losses.Loss.__call__
-        elements = values.shape[1:]
-        if (
-            getattr(values, "_keras_mask", None) is not None
-            or values.shape.rank == 0
-            or not elements.is_fully_defined()
-        ):
-            return compiled(y, y_pred, sample_weight)
-        count = self._examples
-        if elements.num_elements() != 1:  # e.g. per-token losses
-            count = count * float(elements.num_elements())
-        loss = tf.math.divide(tf.reduce_sum(values), tf.cast(count, values.dtype))
-        replicas = self.strategy.num_replicas_in_sync
-        if replicas > 1:  # keras.losses.loss.scale_loss_for_distribution
-            loss = loss * tf.cast(1.0 / replicas, loss.dtype)
-        loss = tf.cast(loss, compiled.dtype)
-        return loss * weight if weight is not None else loss
 
     def update_metrics(self, x: Any, y: Any, y_pred: Any, sample_weight: Any) -> None:
         """Updates the compiled metrics with one (micro-)batch."""
@@ -354,10 +289,7 @@ class TrainStep:
         small_sq = small_sq * (parts * parts / num_micro / replicas)  # this replica's share
         if replicas > 1:  # one batched all-reduce for the gradients and the small norms
             *grads, small_sq = context.all_reduce(tf.distribute.ReduceOp.SUM, [*grads, small_sq])
-        if self._examples is not None:  # known once per call
-            size = self._examples * float(num_micro)
-        else:
-            size = tf.cast(tf.shape(tf.nest.flatten(data)[0])[0], tf.float32)
+        size = tf.cast(tf.shape(tf.nest.flatten(data)[0])[0], tf.float32)
         norms = tf.stack([small_sq, squared_norm(grads)])
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)  # grads are scaled
@@ -391,10 +323,7 @@ class TrainStep:
             tf.cond(control[6] > 0, self._reset_metrics, lambda: tf.constant(False))
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)  # before the steps
         self.strategy.run(self._start_totals, args=(tf.cast(control[4:6], tf.float32),))
-        self._examples = None
         if isinstance(source, DeviceArrays):  # each replica gathers its batches
-            replicas = self.strategy.num_replicas_in_sync
-            self._examples = tf.cast(control[3] // (replicas * num_micro), tf.float32)
             source.load_epoch(control[1])
             indices = self.strategy.run(
                 source.replica_indices, args=(control[2], control[3], num_steps)
