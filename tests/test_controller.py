@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _helpers import Dying, mirrored
 
 from tf_largebatch import plan_phases
 from tf_largebatch.controller import Preempted, make_dataset_fn
@@ -74,17 +75,10 @@ def data():
     return x, y
 
 
-def strategy(replicas):
-    if replicas == 1:
-        return tf.distribute.OneDeviceStrategy("/cpu:0")
-    devices = [f"/cpu:{i}" for i in range(replicas)]
-    return tf.distribute.MirroredStrategy(devices, tf.distribute.ReductionToOneDevice())
-
-
 def trainer(tmp_path, name, replicas=1, **config):
     config = {"verbose": 0, "save_model": False, "steps_per_execution": 1, **config}
     return Trainer(mlp, rampup_plan(), TrainerConfig(model_dir=str(tmp_path / name), **config),
-                   strategy=strategy(replicas))  # fmt: skip
+                   strategy=mirrored(replicas))  # fmt: skip
 
 
 class StopAt(keras.callbacks.Callback):
@@ -142,22 +136,6 @@ def test_sigterm_saves_at_the_step_reached_and_resumes(data, tmp_path, uninterru
     again.fit(*data)
     for a, b in zip(uninterrupted.model.get_weights(), again.model.get_weights()):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
-
-
-class Dying:
-    """Wraps the compiled step; raises after `calls` calls, like a process killed mid-run."""
-
-    def __init__(self, step, calls):
-        self.step, self.calls = step, calls
-
-    def __call__(self, *args):
-        self.calls -= 1
-        if self.calls < 0:
-            raise RuntimeError("killed")
-        return self.step(*args)
-
-    def __getattr__(self, name):
-        return getattr(self.step, name)
 
 
 def test_killed_inside_the_ramp_resumes_from_the_last_checkpoint(data, tmp_path, uninterrupted):

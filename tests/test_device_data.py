@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _helpers import mirrored
 
 from tf_largebatch import plan_phases
 from tf_largebatch.device_data import DeviceArrays, eligible
@@ -12,13 +13,6 @@ from tf_largebatch.inputs import ArraysSource
 from tf_largebatch.training import Trainer, TrainerConfig
 
 N = 480
-
-
-def mirrored(replicas):
-    devices = [f"/cpu:{i}" for i in range(replicas)]
-    if replicas == 1:
-        return tf.distribute.OneDeviceStrategy(devices[0])
-    return tf.distribute.MirroredStrategy(devices, tf.distribute.ReductionToOneDevice())
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,11 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from _helpers import mirrored
 
 from tf_largebatch import plan_phases
 from tf_largebatch.data import load_data
 from tf_largebatch.training import Trainer, TrainerConfig
-
-
-def strategy_for(replicas):
-    if replicas == 1:
-        return tf.distribute.OneDeviceStrategy("/cpu:0")
-    devices = [f"/cpu:{i}" for i in range(replicas)]
-    return tf.distribute.MirroredStrategy(devices, tf.distribute.ReductionToOneDevice())
 
 
 def regression_data(n=16_384, d=4, seed=0):
@@ -60,7 +53,7 @@ def test_recovers_noise_scale_of_linear_regression(replicas, tmp_path):
             save_model=False,
         ),
         loss=keras.losses.MeanSquaredError(),
-        strategy=strategy_for(replicas),
+        strategy=mirrored(replicas),
     )
     trainer.fit(x, y)
     results = trainer.results
@@ -93,7 +86,7 @@ def run_digits(tmp_path, replicas, measure, name):
             noise_scale_beta=0.95,
             save_model=False,
         ),
-        strategy=strategy_for(replicas),
+        strategy=mirrored(replicas),
     )
     trainer.fit(d.x_train, d.y_train)
     return trainer, trainer.results

@@ -8,18 +8,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _helpers import mirrored
 
 from tf_largebatch import plan_phases
 from tf_largebatch.training import NonFiniteLossError, Trainer, TrainerConfig
 
 N, N_VAL = 512, 96
-
-
-def mirrored(replicas):
-    devices = [f"/cpu:{i}" for i in range(replicas)]
-    if replicas == 1:
-        return tf.distribute.OneDeviceStrategy(devices[0])
-    return tf.distribute.MirroredStrategy(devices, tf.distribute.ReductionToOneDevice())
 
 
 @pytest.fixture(scope="module")

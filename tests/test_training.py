@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _helpers import Dying, mirrored
 
 from tf_largebatch import plan_phases
 from tf_largebatch.data import load_data
@@ -32,13 +33,6 @@ def mlp(d):
     return model_fn
 
 
-def mirrored(replicas):
-    # Several MirroredStrategies of different sizes in one process: reduce on one device, as
-    # distribute.make_strategy does on CPUs (collective group keys would clash otherwise).
-    devices = [f"/cpu:{i}" for i in range(replicas)]
-    return tf.distribute.MirroredStrategy(devices, tf.distribute.ReductionToOneDevice())
-
-
 def plan_for(d, epochs=4, batch=64, **kw):
     kw = {"decay_epochs": (2,), "decay_factor": 0.5, "warmup_epochs": 1, **kw}
     return plan_phases(
@@ -46,26 +40,9 @@ def plan_for(d, epochs=4, batch=64, **kw):
     )
 
 
-class Dying:
-    """Wraps the compiled step; raises after `calls` calls, like a process killed mid-run."""
-
-    def __init__(self, step, calls):
-        self.step, self.calls = step, calls
-
-    def __call__(self, *args):
-        self.calls -= 1
-        if self.calls < 0:
-            raise RuntimeError("killed")
-        return self.step(*args)
-
-    def __getattr__(self, name):
-        return getattr(self.step, name)
-
-
 def train(d, tmp_path, replicas=1, plan=None, name=None, die_after_calls=None, **config):
     """Trains (optionally dying after some compiled calls, like a killed process)."""
-    devices = [f"/cpu:{i}" for i in range(replicas)]
-    strategy = mirrored(replicas) if replicas > 1 else tf.distribute.OneDeviceStrategy(devices[0])
+    strategy = mirrored(replicas)
     model_dir = str(tmp_path / (name or f"r{replicas}"))
     trainer = Trainer(
         mlp(d),
