@@ -18,6 +18,9 @@ rate):
   bare_range    the ceiling: a `tf.function` that runs K steps with `tf.range` over a tensor
                 holding one epoch pre-batched in memory ([steps, batch, ...], no tf.data).
   bare_loop     one `tf.function` call per step over the same tensor from a Python loop.
+  bare_keras    ``bare_range`` computing what the Trainer and ``model.fit`` compute: the model's
+                compiled loss and ``accuracy`` metric (Keras's ops) instead of a hand-written
+                loss and hit count. trainer/bare_keras is the loop's own cost.
 
 K is ``--steps_per_execution`` (0, the default, means one whole epoch per call). Timing unit is
 the *window*: one epoch of steps. Every run trains ``--epochs`` windows, the first (which holds
@@ -69,6 +72,7 @@ METHODS = (
     "fit_spe1",
     "bare_range",
     "bare_loop",
+    "bare_keras",
     "bare_pipeline",
     "bare_gather",
 )
@@ -330,7 +334,9 @@ def run_fit(ctx: dict[str, Any], steps_per_execution: int) -> dict[str, Any]:
     }
 
 
-def run_bare(ctx: dict[str, Any], steps_per_execution: int, inputs: str) -> dict[str, Any]:
+def run_bare(
+    ctx: dict[str, Any], steps_per_execution: int, inputs: str, keras_ops: bool = False
+) -> dict[str, Any]:
     """A bare `tf.function` step (loss / global batch, gradients, our SGD; no Keras loop).
 
     ``inputs``: ``"tensor"``, one epoch pre-batched in memory as [steps, batch, ...] (the
@@ -338,6 +344,8 @@ def run_bare(ctx: dict[str, Any], steps_per_execution: int, inputs: str) -> dict
     `distribute_datasets_from_function`; ``"gather"``, no tf.data: each window draws the
     permutation in-graph (stateless, as `make_dataset_fn`) and every step gathers its batch from
     the arrays held as constants (a prototype of an in-memory input path for the Trainer).
+    ``keras_ops``: the loss is the model's compiled loss and the metric its compiled
+    ``accuracy`` (Keras's ops, as the Trainer and ``model.fit`` run them).
     """
     import keras
     import numpy as np
@@ -356,15 +364,28 @@ def run_bare(ctx: dict[str, Any], steps_per_execution: int, inputs: str) -> dict
         model = ctx["model_fn"]()
         optimizer = SGD(plan.learning_rate_schedule(), momentum=plan.phases[0].momentum)
         optimizer.build(model.trainable_variables)
+        if keras_ops:  # the compiled loss and metric, built before the trace
+            model.compile(
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"],
+            )
+            model._compile_loss.build(y[:per_replica], model(x[:per_replica]))
+            model._compile_metrics.build(y[:per_replica], model(x[:per_replica]))
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     global_batch = tf.constant(float(batch))
 
     def train_on(xb: tf.Tensor, yb: tf.Tensor) -> tuple[Any, Any]:
         with tf.GradientTape() as tape:
             logits = model(xb, training=True)
-            loss = tf.reduce_sum(loss_fn(yb, logits)) / global_batch
+            if keras_ops:  # mean over the replica's batch / replicas: the global-batch loss
+                loss = model._compile_loss(yb, logits)
+            else:
+                loss = tf.reduce_sum(loss_fn(yb, logits)) / global_batch
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        if keras_ops:
+            model._compile_metrics.update_state(yb, logits)
+            return loss, tf.constant(0.0)
         hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(yb, tf.int32))
         return loss, tf.reduce_sum(tf.cast(hits, tf.float32))
 
@@ -474,6 +495,8 @@ def _run_method(ctx: dict[str, Any], method: str) -> dict[str, Any]:
         return run_bare(ctx, k, "tensor")
     if method == "bare_loop":
         return run_bare(ctx, 1, "tensor")
+    if method == "bare_keras":
+        return run_bare(ctx, k, "tensor", keras_ops=True)
     if method == "bare_pipeline":
         return run_bare(ctx, k, "pipeline")
     if method == "bare_gather":
@@ -580,6 +603,8 @@ def ratios(methods: dict[str, dict[str, Any]]) -> dict[str, float]:
         ("trainer", "fit"),
         ("trainer", "fit_spe1"),
         ("trainer", "bare_best"),
+        ("trainer", "bare_keras"),
+        ("bare_keras", "bare_best"),
         ("trainer_spe1", "fit_spe1"),
         ("trainer", "bare_pipeline"),
         ("bare_pipeline", "bare_best"),

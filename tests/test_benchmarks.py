@@ -83,6 +83,7 @@ def test_throughput_quick(tmp_path):
         best = max(eps["bare_range"], eps["bare_loop"])
         assert ratios["trainer/bare_best"] == pytest.approx(eps["trainer"] / best)
         assert ratios["bare_pipeline/bare_best"] == pytest.approx(eps["bare_pipeline"] / best)
+        assert ratios["trainer/bare_keras"] == pytest.approx(eps["trainer"] / eps["bare_keras"])
         memory = group["tf_memory_info"]  # CPU allocator stats: often unavailable or partial
         assert "error" in memory or (memory["peak"] >= memory["current"] >= 0)
     assert "trainer/fit" in groups[0]["ratios"]  # 1 replica: model.fit with K > 1 works
