@@ -48,6 +48,7 @@ from tf_largebatch.reproduce import (
     METRICS,
     SMITH_EXTRA_MODES,
     SMITH_MODES,
+    FlagProfile,
     mean_curve,
     metrics_table,
     run_study,
@@ -142,23 +143,8 @@ MEASURED = ("parameter_updates", "noise_scale_epoch1", "hessian_top_eigenvalue")
 MEASURED += ("perturbed_loss_increase",)
 
 
-def dataset():
-    """--dataset, or QUICK's under --quick unless given."""
-    return QUICK["dataset"] if FLAGS.quick and not FLAGS["dataset"].present else FLAGS.dataset
-
-
-def profile():
-    """The defaults in force: QUICK, TEXT or TEXT_QUICK (by --dataset and --quick), or none."""
-    if text_max_bytes(dataset()) is not None:
-        return TEXT_QUICK if FLAGS.quick else TEXT
-    return QUICK if FLAGS.quick else {}
-
-
-def flag(name):
-    """A flag's value: as given, else the profile's default, else the flag's default."""
-    if not FLAGS[name].present and name in profile():
-        return profile()[name]
-    return FLAGS[name].value
+flag = FlagProfile(FLAGS, QUICK, TEXT, TEXT_QUICK)  # flag(name): its value under the profile
+dataset = flag.dataset
 
 
 def study_config():

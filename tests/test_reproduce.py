@@ -179,6 +179,31 @@ def test_text_max_bytes():
             text_max_bytes(bad)
 
 
+@pytest.mark.parametrize(
+    ("argv", "dataset", "epochs"),
+    [
+        ([], "mnist1d", 30),  # the flag defaults
+        (["--quick"], "digits", 4),  # the quick profile
+        (["--quick", "--epochs=7"], "digits", 7),  # a given flag wins
+        (["--quick", "--dataset=mnist1d"], "mnist1d", 4),
+        (["--dataset=text"], "text", 8),  # the text profile
+        (["--dataset=text:5000", "--quick"], "text:5000", 2),  # text and quick
+    ],
+)
+def test_flag_profile(argv, dataset, epochs):
+    from absl import flags
+
+    from tf_largebatch.reproduce import FlagProfile
+
+    values = flags.FlagValues()
+    flags.DEFINE_string("dataset", "mnist1d", "", flag_values=values)
+    flags.DEFINE_bool("quick", False, "", flag_values=values)
+    flags.DEFINE_integer("epochs", 30, "", flag_values=values)
+    values(["prog", *argv])
+    flag = FlagProfile(values, {"dataset": "digits", "epochs": 4}, {"epochs": 8}, {"epochs": 2})
+    assert (flag.dataset(), flag("epochs")) == (dataset, epochs)
+
+
 def test_goyal_runs_on_the_language_model_sqrt_and_linear_rules():
     variants = ("sqrt_gradual_warmup", "gradual_warmup", "sqrt_no_warmup", "no_scaling")
     runs = by_name(goyal_runs(TEXT, ks=(16,), seeds=(0,), variants=variants))

@@ -136,6 +136,43 @@ def text_max_bytes(dataset: str) -> int | None:
     return int(value)
 
 
+class FlagProfile:
+    """A reproduction binary's flag values under its profiles of defaults.
+
+    ``quick`` (``--quick``, holding the ``dataset`` it trains), ``text`` (``--dataset=text`` or
+    ``text:MAX_BYTES``) and ``text_quick`` (both) replace flag defaults; a flag given on the
+    command line always wins. ``flag_values`` is absl's ``FLAGS``, read when called (after
+    parsing): ``flag = FlagProfile(FLAGS, QUICK, TEXT, TEXT_QUICK)``, then ``flag("epochs")``.
+    """
+
+    def __init__(
+        self, flag_values: Any, quick: dict[str, Any], text: dict[str, Any],
+        text_quick: dict[str, Any],
+    ) -> None:  # fmt: skip
+        self.flag_values = flag_values
+        self.quick, self.text, self.text_quick = quick, text, text_quick
+
+    def dataset(self) -> str:
+        """``--dataset``, or the quick profile's unless given."""
+        given = self.flag_values["dataset"].present
+        return self.quick["dataset"] if self.flag_values.quick and not given else (
+            self.flag_values.dataset
+        )  # fmt: skip
+
+    def profile(self) -> dict[str, Any]:
+        """The defaults in force: by ``--dataset`` and ``--quick``, or none."""
+        if text_max_bytes(self.dataset()) is not None:
+            return self.text_quick if self.flag_values.quick else self.text
+        return self.quick if self.flag_values.quick else {}
+
+    def __call__(self, name: str) -> Any:
+        """A flag's value: as given, else the profile's default, else the flag's default."""
+        profile = self.profile()
+        if not self.flag_values[name].present and name in profile:
+            return profile[name]
+        return self.flag_values[name].value
+
+
 def _check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
     seeds = tuple(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
