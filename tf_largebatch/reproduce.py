@@ -154,10 +154,9 @@ class FlagProfile:
 
     def dataset(self) -> str:
         """``--dataset``, or the quick profile's unless given."""
-        given = self.flag_values["dataset"].present
-        return self.quick["dataset"] if self.flag_values.quick and not given else (
-            self.flag_values.dataset
-        )  # fmt: skip
+        if self.flag_values.quick and not self.flag_values["dataset"].present:
+            return self.quick["dataset"]
+        return self.flag_values.dataset
 
     def profile(self) -> dict[str, Any]:
         """The defaults in force: by ``--dataset`` and ``--quick``, or none."""
