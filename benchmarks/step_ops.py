@@ -8,9 +8,10 @@ gathered on the device, the compiled loss and ``accuracy`` metric, one trace for
 size, so the batch dimension is unknown at trace time) and (b) `throughput.py`'s ``bare_range``
 step (a slice of a pre-batched constant, a hand-written loss, an argmax hit count; static
 shapes). ``Const``/``Identity``/``NoOp`` nodes are left out (free at run time). The op types only
-one of them runs are printed: what a Trainer step pays besides the model, the gradients and
-the optimizer. No timing: this explains the ``trainer/bare_best`` ratio of
-`throughput.py`, it does not measure it.
+one of them runs are printed: what a Trainer step holds besides the model, the gradients and
+the optimizer. No timing, and op counts do not predict time: most of the difference is
+Keras's compiled loss and metric, which `throughput.py`'s ``bare_keras`` shows cost the bare
+step nothing measurable on the digits mlp (BUILD_NOTES, issue 14 part 4 third round).
 """
 
 from __future__ import annotations
