@@ -8,7 +8,7 @@ import tensorflow as tf
 from _helpers import mirrored
 
 from tf_largebatch import plan_phases
-from tf_largebatch.device_data import DeviceArrays, eligible
+from tf_largebatch.device_data import DeviceArrays, DeviceFeed, eligible
 from tf_largebatch.inputs import ArraysSource
 from tf_largebatch.training import Trainer, TrainerConfig
 
@@ -110,6 +110,60 @@ def test_trainer_weights_equal_the_tf_data_path(tmp_path, data, replicas):
     np.testing.assert_allclose(
         on.results["noise_scale_steps"], off.results["noise_scale_steps"], rtol=1e-5
     )
+
+
+class ShapeProbe(keras.layers.Layer):
+    """The identity, recording the batch dimension of every input it is traced with."""
+
+    def __init__(self, seen, **kwargs):
+        super().__init__(**kwargs)
+        self.record = seen.append  # (Keras would track a list attribute as a copy)
+
+    def call(self, inputs):
+        self.record(inputs.shape[0])
+        return inputs
+
+
+def test_each_batch_size_is_traced_with_static_shapes(tmp_path, data):
+    """Batches 16 → 32 → 48 on 2 replicas: one trace whose loops see per-replica batches of
+    8, 16 and 24 examples (static shapes), where the tf.data path's batch dimension is None;
+    a batch size the plan lacks is traced when it comes, and one that does not split into
+    the call's micro-batches is refused."""
+    x, y, w = data
+    seen = {"device": [], "tf_data": []}
+
+    def probed(name):
+        def build():
+            model = model_fn()
+            model = keras.Model(model.inputs, ShapeProbe(seen[name])(model.outputs[0]))
+            model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
+            return model
+
+        return build
+
+    runs = {}
+    for name, max_bytes in (("device", 1 << 20), ("tf_data", 0)):
+        runs[name] = Trainer(
+            probed(name), rampup_plan(),
+            TrainerConfig(model_dir=str(tmp_path / name), verbose=0, save_model=False,
+                          steps_per_execution=4, in_graph_data_max_bytes=max_bytes),
+            strategy=mirrored(2),
+        )  # fmt: skip
+        runs[name].fit(x, y, sample_weight=w)
+        del seen[name][:2]  # the model's construction and symbolic build: None
+    device = runs["device"]
+    assert device.trace_count == runs["tf_data"].trace_count == 1
+    assert device.train_step.batch_sizes == (16, 32, 48)
+    assert seen["device"] == [8, 8, 16, 16, 24, 24]  # per branch, per replica
+    assert seen["tf_data"] == [None, None]
+    for a, b in zip(device.model.get_weights(), runs["tf_data"].model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    out = device.train_step(DeviceFeed(device.device_data, 4, 0, 64), 1, 1)
+    assert np.isfinite(float(out.loss_sum)) and device.trace_count == 2 and 32 in seen["device"]
+    assert device.train_step.batch_sizes == (16, 32, 48, 64)
+    with pytest.raises(ValueError, match="split into num_micro=5 micro-batches"):
+        device.train_step(DeviceFeed(device.device_data, 4, 0, 48), 1, 5)
 
 
 class StopAt(keras.callbacks.Callback):

@@ -87,11 +87,12 @@ class DeviceArrays:
         tf.cond(tf.equal(self.loaded_epoch, epoch), lambda: tf.constant(False), load)
 
     def replica_indices(
-        self, start: tf.Tensor, global_batch_size: tf.Tensor, num_steps: tf.Tensor
+        self, start: tf.Tensor, global_batch_size: int | tf.Tensor, num_steps: tf.Tensor
     ) -> tf.Tensor:
         """In replica context: this replica's example indices for `num_steps` steps from
         example `start` of π_e, shape [num_steps, global_batch_size / replicas] (computed once
-        per compiled call, so that a step only slices a row and gathers)."""
+        per compiled call, so that a step only slices a row and gathers; a Python int
+        `global_batch_size` gives the batches a static shape)."""
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync
         replica = tf.cast(context.replica_id_in_sync_group, tf.int64)

@@ -89,6 +89,13 @@ class TrainStep:
     metrics first) and, for data on the devices, nothing else: the `DeviceArrays` are bound
     into their own `tf.function` (one per data set) whose concrete function is called
     directly, so a call costs little more than the steps themselves.
+
+    For data on the devices the batch shape is static: the trace holds one loop per global
+    batch size in `batch_sizes` (the plan's, set by the `Trainer`) and ``tf.switch_case``
+    runs the call's, so every phase of the plan runs in the one trace with shapes known to
+    the compiler (with an unknown batch dimension, the shape arithmetic of the loss, metrics
+    and gradients runs as ops every step: ~10 % of a small MLP's step on CPU). A size not in
+    `batch_sizes` is added to it and the step traced again.
     """
 
     def __init__(
@@ -103,6 +110,7 @@ class TrainStep:
         self.model, self.optimizer, self.strategy = model, optimizer, strategy
         self.noise_estimator = noise_estimator
         self.trace_count = 0
+        self.batch_sizes: tuple[int, ...] = ()  # global batches traced with static shapes
         self._jit_compile = jit_compile
         # Per-replica sums kept on each replica during a call and added across replicas once,
         # at its end (SUM on read): the training loss, and the stop votes.
@@ -147,6 +155,14 @@ class TrainStep:
         if not isinstance(feed, DeviceFeed):
             control = tf.constant([num_steps, 0, 0, 0, *flags], tf.int64)
             return self._steps(feed, control, num_micro)
+        if (feed.global_batch_size // self.strategy.num_replicas_in_sync) % num_micro:
+            raise ValueError(
+                f"The per-replica batch must split into num_micro={num_micro} micro-batches. "
+                f"Received: global_batch_size={feed.global_batch_size}"
+            )
+        if feed.global_batch_size not in self.batch_sizes:  # one more static loop: retrace
+            self.batch_sizes = (*self.batch_sizes, feed.global_batch_size)
+            self._bound = None
         if self._bound is None or self._bound[0] is not feed.data:
             data = feed.data
             function = tf.function(lambda control, micro: self._steps_fn(data, control, micro))
@@ -313,6 +329,44 @@ class TrainStep:
         g2_sum, trace_sum = gradient_noise_components(sums[0], sums[1], small_batch, big_batch)
         self.noise_estimator.fold_sums(g2_sum, trace_sum, folded, tf.cast(num_steps, tf.int64))
 
+    def _loop(self, replica_step: Any, num_steps: tf.Tensor) -> tuple[Any, Any, Any]:
+        """Runs ``replica_step(i)`` (per-replica noise norms) for i < `num_steps`; returns the
+        estimator's sums over the steps, how many were folded, and the last step's norms."""
+        estimator = self.noise_estimator
+        beta = estimator.beta if estimator is not None else 0.0
+        sums, folded, norms = tf.zeros([2]), tf.constant(0, tf.int64), tf.ones([3])
+        for i in tf.range(num_steps):
+            replica_norms = replica_step(i)
+            if estimator is not None:  # identical on every replica: take the first
+                norms = self.strategy.experimental_local_results(replica_norms)[0]
+                finite = tf.reduce_all(tf.math.is_finite(norms))
+                sums = tf.where(finite, beta * sums + norms[:2], sums)
+                folded += tf.cast(finite, tf.int64)
+        return sums, folded, norms
+
+    def _device_loops(
+        self, data: DeviceArrays, control: tf.Tensor, num_micro: int
+    ) -> tuple[Any, Any, Any]:
+        """`_loop` over batches gathered from the devices, one loop per global batch size in
+        `batch_sizes` that splits into `num_micro` micro-batches (a Python int: static shapes),
+        the call's picked by ``tf.switch_case``."""
+
+        def loop(batch: int) -> tuple[Any, Any, Any]:
+            indices = self.strategy.run(data.replica_indices, args=(control[2], batch, control[0]))
+            return self._loop(
+                lambda i: self.strategy.run(
+                    self._gathered_replica_step, args=(data, indices, i, num_micro)
+                ),
+                control[0],
+            )
+
+        replicas = self.strategy.num_replicas_in_sync
+        sizes = [b for b in self.batch_sizes if (b // replicas) % num_micro == 0]  # this trace's
+        if len(sizes) == 1:
+            return loop(sizes[0])
+        index = tf.argmax(tf.equal(control[3], sizes), output_type=tf.int32)
+        return tf.switch_case(index, [functools.partial(loop, b) for b in sizes])
+
     def _steps_fn(self, source: Any, control: tf.Tensor, num_micro: int) -> StepOutputs:
         """`control`: [steps, epoch, first example, global batch, stop vote, save vote, reset
         metrics]; the position (epoch, first example of π_epoch, global batch) is read for
@@ -323,28 +377,15 @@ class TrainStep:
             tf.cond(control[6] > 0, self._reset_metrics, lambda: tf.constant(False))
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)  # before the steps
         self.strategy.run(self._start_totals, args=(tf.cast(control[4:6], tf.float32),))
-        if isinstance(source, DeviceArrays):  # each replica gathers its batches
+        if isinstance(source, DeviceArrays):
             source.load_epoch(control[1])
-            indices = self.strategy.run(
-                source.replica_indices, args=(control[2], control[3], num_steps)
+            sums, folded, norms = self._device_loops(source, control, num_micro)
+        else:
+            sums, folded, norms = self._loop(
+                lambda i: self.strategy.run(self._replica_step, args=(next(source), num_micro)),
+                num_steps,
             )
         estimator = self.noise_estimator
-        beta = estimator.beta if estimator is not None else 0.0
-        sums, folded, norms = tf.zeros([2]), tf.constant(0, tf.int64), tf.ones([3])
-        for i in tf.range(num_steps):
-            if isinstance(source, DeviceArrays):
-                replica_norms = self.strategy.run(
-                    self._gathered_replica_step, args=(source, indices, i, num_micro)
-                )
-            else:
-                replica_norms = self.strategy.run(
-                    self._replica_step, args=(next(source), num_micro)
-                )
-            if estimator is not None:  # identical on every replica: take the first
-                norms = self.strategy.experimental_local_results(replica_norms)[0]
-                finite = tf.reduce_all(tf.math.is_finite(norms))
-                sums = tf.where(finite, beta * sums + norms[:2], sums)
-                folded += tf.cast(finite, tf.int64)
         b_simple = tf.constant(float("nan"))
         if estimator is not None:  # the call's steps folded into the averages at once
             self._fold_noise(sums, folded, num_steps, norms, num_micro)

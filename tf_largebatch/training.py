@@ -60,7 +60,14 @@ from tf_largebatch.trainer_config import (  # noqa: F401 (re-exported)
 )
 
 _log = logging.getLogger(__name__)
+
 Schedule = keras.optimizers.schedules.LearningRateSchedule
+
+
+def batch_sizes(plan: PhasePlan) -> tuple[int, ...]:
+    """The plan's distinct global batch sizes, in phase order (each traced with static
+    shapes when the data are on the devices: `steps.TrainStep`)."""
+    return tuple(dict.fromkeys(phase.global_batch_size for phase in plan.phases))
 
 
 class Trainer:
@@ -322,6 +329,7 @@ class Trainer:
         self.plan = plan
         inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         inner.learning_rate = self.learning_rate_fn(plan)
+        self.train_step.batch_sizes = batch_sizes(plan)
         self.train_step.retrace()
         self.state.write_plan(self.initial_plan, plan)
 
@@ -389,6 +397,7 @@ class Trainer:
         self._build(self.device_data or self._first_dataset_fn(source))
         tf.io.gfile.makedirs(cfg.model_dir)
         records = self._restore()
+        self.train_step.batch_sizes = batch_sizes(self.plan)
         self.state.write_plan(self.initial_plan, self.plan)
         callback_list, history = self._callbacks(callbacks)
         step = int(self.state.steps_run.numpy())
