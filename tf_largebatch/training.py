@@ -159,6 +159,7 @@ class Trainer:
             self.model, self.optimizer, self.strategy,
             jit_compile=config.jit_compile, noise_estimator=self.noise_estimator,
         )  # fmt: skip
+        self.train_step.batch_sizes = batch_sizes(self.plan)  # adopt_plan sets a new plan's
         self.eval_step = EvalStep(self.model, self.strategy, self._eval_loss)
         self.results: dict[str, Any] = {}
         self.device_data: DeviceArrays | None = None  # the training set on the devices
@@ -397,7 +398,6 @@ class Trainer:
         self._build(self.device_data or self._first_dataset_fn(source))
         tf.io.gfile.makedirs(cfg.model_dir)
         records = self._restore()
-        self.train_step.batch_sizes = batch_sizes(self.plan)
         self.state.write_plan(self.initial_plan, self.plan)
         callback_list, history = self._callbacks(callbacks)
         step = int(self.state.steps_run.numpy())
