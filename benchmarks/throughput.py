@@ -43,6 +43,10 @@ Replicas: each (model, replicas) group runs in a fresh subprocess that first spl
 a plain ``model.fit`` user has), more use `make_strategy("mirrored")`. All logical devices share
 the machine's cores, so on a 2-core machine 2 replicas split the same cores.
 
+Steal: the share of CPU time the VM's host gave to other guests (/proc/stat's ``steal``), per
+run, per method (median) and over the whole group. Figures measured while it is high say more
+about the host than about the methods.
+
 Memory: per method, the process's peak resident set (VmHWM, reset before each method through
 /proc/self/clear_refs; it includes the ~0.6 GB TensorFlow runtime), the process-wide
 ``resource.getrusage(...).ru_maxrss``, and ``tf.config.experimental.get_memory_info("CPU:0")``
@@ -151,6 +155,26 @@ def _status_kb(key: str) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def cpu_times() -> tuple[float, float]:
+    """(all CPU time, stolen time) since boot in clock ticks, from /proc/stat's first line.
+
+    Stolen time is the time this VM's virtual CPUs were ready to run but the host ran
+    something else (its neighbours): a share of it during a run slows every method, unevenly.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
+    return sum(fields), fields[7] if len(fields) == 8 else float("nan")
+
+
+def steal_fraction(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """The share of CPU time stolen between two `cpu_times` readings (NaN if unknown)."""
+    total = after[0] - before[0]
+    return (after[1] - before[1]) / total if total > 0 else float("nan")
 
 
 def reset_peak_rss() -> float:
@@ -547,10 +571,13 @@ def run_group(model: str, replicas: int, settings: dict[str, Any]) -> dict[str, 
     methods = settings["methods"]
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     memory: dict[str, dict[str, float]] = {}
+    group_start = cpu_times()
     for _ in range(settings["rounds"]):
         for method in methods:
             rss_before = reset_peak_rss()
+            start = cpu_times()
             runs[method].append(run_method(ctx, method))
+            runs[method][-1]["steal_fraction"] = steal_fraction(start, cpu_times())
             if method not in memory:  # first run of the method: what it adds to the process
                 memory[method] = {"rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
     results: dict[str, Any] = {}
@@ -572,6 +599,7 @@ def run_group(model: str, replicas: int, settings: dict[str, Any]) -> dict[str, 
         jobs = [r["job_seconds"] for r in runs[method] if "job_seconds" in r]
         if jobs:  # the whole call (trainer.fit / model.fit): setup, tracing, checkpoints
             entry["job_seconds"] = statistics.median(jobs)
+        entry["steal_fraction"] = statistics.median(r["steal_fraction"] for r in runs[method])
         entry["runs"] = runs[method]
         errors = [run["error"] for run in runs[method] if "error" in run]
         if errors:
@@ -588,6 +616,7 @@ def run_group(model: str, replicas: int, settings: dict[str, Any]) -> dict[str, 
         "steps_per_execution": ctx["steps_per_execution"],
         "methods": results,
         "ratios": ratios(results),
+        "steal_fraction": steal_fraction(group_start, cpu_times()),
         "process_maxrss_mb": maxrss_mb(),
         "tf_memory_info": tf_memory_info(),
     }
@@ -743,6 +772,7 @@ def table(groups: list[dict[str, Any]]) -> str:
                 lines.append(f"{'':9} {method} failed: {v['error'][:150]}")
         shown = ", ".join(f"{k} = {v:.2f}" for k, v in g["ratios"].items())
         lines.append(f"{'':9} ratios: {shown}")
+        lines.append(f"{'':9} CPU time stolen by the VM's host: {g.get('steal_fraction', nan):.1%}")
     return "\n".join(lines)
 
 

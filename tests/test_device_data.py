@@ -8,6 +8,7 @@ import tensorflow as tf
 from _helpers import mirrored
 
 from tf_largebatch import plan_phases
+from tf_largebatch.data import _permutation
 from tf_largebatch.device_data import DeviceArrays, DeviceFeed, eligible
 from tf_largebatch.inputs import ArraysSource
 from tf_largebatch.training import Trainer, TrainerConfig
@@ -110,6 +111,33 @@ def test_trainer_weights_equal_the_tf_data_path(tmp_path, data, replicas):
     np.testing.assert_allclose(
         on.results["noise_scale_steps"], off.results["noise_scale_steps"], rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_the_epochs_last_call_loads_the_next_permutation(tmp_path, data, replicas):
+    """The call that ends an epoch puts π_{e+1} in place beside its steps (every replica's
+    copy), one that does not leaves π_e; a call of another epoch loads its own."""
+    trainer = fit(tmp_path, "run", replicas, data)
+    device, step = trainer.device_data, trainer.train_step
+
+    def loaded():
+        epochs = {int(e) for e in trainer.strategy.experimental_local_results(device.loaded_epoch)}
+        orders = trainer.strategy.experimental_local_results(device.permutation)
+        assert len(epochs) == 1 and len(orders) == replicas
+        (epoch,) = epochs
+        want = _permutation(N, trainer.config.seed, tf.constant(epoch, tf.int64), True).numpy()
+        for order in orders:
+            np.testing.assert_array_equal(order.numpy(), want)
+        return epoch
+
+    step(DeviceFeed(device, 7, 0, 48), 4, 1)  # examples 0-191 of 480: not the last call
+    assert loaded() == 7
+    step(DeviceFeed(device, 7, 192, 48), 5, 1)  # up to 432: one more batch of 48 fits
+    assert loaded() == 7
+    step(DeviceFeed(device, 7, 432, 48), 1, 1)  # the last batch of epoch 7
+    assert loaded() == 8
+    step(DeviceFeed(device, 2, 0, 48), 2, 1)  # another epoch: its own permutation
+    assert loaded() == 2
 
 
 class ShapeProbe(keras.layers.Layer):

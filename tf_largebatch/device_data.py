@@ -7,6 +7,8 @@ as a small MLP's whole step). `DeviceArrays` removes it: the arrays are copied o
 non-trainable variables created under ``strategy.scope()`` (a mirrored copy on every replica's
 device), the epoch's permutation π_e is a variable too, and each step's batch is a
 ``tf.gather`` of π_e's slice for this replica, computed in the same compiled loop as the step.
+The call that ends epoch e draws π_{e+1} beside its steps (`DeviceArrays.load_next_epoch`), so
+the shuffle is off the steps' path.
 
 The batches are the ones `inputs.ArraysSource` yields, element for element: the same π_e
 (`data._permutation`, keyed by (seed, e) only), global batch t of an epoch is
@@ -77,14 +79,30 @@ class DeviceArrays:
         """Puts π_epoch in place unless it is there already (eagerly or in a `tf.function`:
         the compiled step calls it with the epoch of its first batch, cross-replica)."""
         epoch = tf.convert_to_tensor(epoch, tf.int64)
+        loaded = tf.equal(self.loaded_epoch, epoch)
+        tf.cond(loaded, lambda: tf.constant(False), lambda: self._load(epoch))
 
-        def load() -> tf.Tensor:
-            order = _permutation(self.num_examples, self.seed, epoch, self.shuffle)
-            self.permutation.assign(tf.cast(order, tf.int64))
-            self.loaded_epoch.assign(epoch)
-            return tf.constant(True)
+    def load_next_epoch(
+        self, epoch: tf.Tensor, start: tf.Tensor, global_batch_size: int, num_steps: tf.Tensor
+    ) -> None:
+        """In the epoch's last call, after `replica_indices` read the call's indices: puts
+        π_{epoch+1} in place while the call's steps run (they read only those indices, so
+        the two run side by side), and the next epoch's first call finds it loaded.
 
-        tf.cond(tf.equal(self.loaded_epoch, epoch), lambda: tf.constant(False), load)
+        A call is the epoch's last when no whole batch is left after its `num_steps`
+        batches from example `start` (batches are whole: ``drop_remainder``).
+        """
+        if not self.shuffle:
+            return
+        end = start + tf.cast(num_steps, tf.int64) * global_batch_size
+        last = end + global_batch_size > self.num_examples
+        tf.cond(last, lambda: self._load(epoch + 1), lambda: tf.constant(False))
+
+    def _load(self, epoch: tf.Tensor) -> tf.Tensor:
+        order = _permutation(self.num_examples, self.seed, epoch, self.shuffle)
+        self.permutation.assign(tf.cast(order, tf.int64))
+        self.loaded_epoch.assign(epoch)
+        return tf.constant(True)
 
     def replica_indices(
         self, start: tf.Tensor, global_batch_size: int | tf.Tensor, num_steps: tf.Tensor

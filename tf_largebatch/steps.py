@@ -353,6 +353,7 @@ class TrainStep:
 
         def loop(batch: int) -> tuple[Any, Any, Any]:
             indices = self.strategy.run(data.replica_indices, args=(control[2], batch, control[0]))
+            data.load_next_epoch(control[1], control[2], batch, control[0])  # beside the steps
             return self._loop(
                 lambda i: self.strategy.run(
                     self._gathered_replica_step, args=(data, indices, i, num_micro)
