@@ -43,6 +43,16 @@ Replicas: each (model, replicas) group runs in a fresh subprocess that first spl
 a plain ``model.fit`` user has), more use `make_strategy("mirrored")`. All logical devices share
 the machine's cores, so on a 2-core machine 2 replicas split the same cores.
 
+Paired (``--paired``, the default): every window of every method is followed at once by one
+window of a *reference*, ``bare_range`` on a model of its own (built and traced before the
+methods, run from a Keras callback's ``on_epoch_end`` for the Trainer and ``model.fit``, its
+time taken out of their job and between-epoch seconds). A method's ``paired_ratio`` is the
+median over its windows of window / the reference beside it; the ``paired ...`` ratios divide
+these. The host's speed drifts by tens of percent over seconds (digits-MLP windows last a few
+milliseconds), which the unpaired medians of runs seconds apart carry into their ratios; a
+window and its reference share the same second. ``bare_range``'s own ``paired_ratio`` is the A/A
+check: the reference against itself, ~1.
+
 Steal: the share of CPU time the VM's host gave to other guests (/proc/stat's ``steal``), per
 run, per method (median) and over the whole group. Figures measured while it is high say more
 about the host than about the methods.
@@ -105,6 +115,9 @@ def define_common_flags() -> None:
 def define_flags() -> None:
     define_common_flags()
     flags.DEFINE_list("methods", list(METHODS), f"Methods, from {METHODS}.")
+    flags.DEFINE_bool(
+        "paired", True, "Time the reference (bare_range) right after each window of every method."
+    )
     flags.DEFINE_integer("epochs", 12, "Windows (epochs) per run; the first is warmup, dropped.")
 
 
@@ -292,20 +305,23 @@ def run_trainer(
             ),
             strategy=ctx["strategy"],
         )
+        paired = Paired(ctx)
         start = time.perf_counter()
-        trainer.fit(ctx["x"], ctx["y"])
-        job_seconds = time.perf_counter() - start
+        trainer.fit(ctx["x"], ctx["y"], callbacks=paired.callback())
+        job_seconds = time.perf_counter() - start - paired.seconds
         results = trainer.results
     history = results["history"]
     timed = sum(
         h["global_batch_size"] * ctx["steps_per_epoch"] / h["examples_per_second"] for h in history
     )
+    wall = results["wall_seconds"] - paired.seconds
     return {
         "windows": [h["examples_per_second"] for h in history[1:]],
+        **paired.results(),
         "reported_examples_per_second": results["examples_per_second"],
-        "wall_seconds": results["wall_seconds"],
+        "wall_seconds": wall,
         "job_seconds": job_seconds,
-        "outside_epoch_seconds": (results["wall_seconds"] - timed) / len(history),
+        "outside_epoch_seconds": (wall - timed) / len(history),
         "trace_count": results["trace_count"],
         "final_train_loss": results["final_train_loss"],
     }
@@ -338,19 +354,21 @@ def run_fit(ctx: dict[str, Any], steps_per_execution: int) -> dict[str, Any]:
             steps_per_execution=steps_per_execution,
         )
     dataset = make_dataset(ctx["x"], ctx["y"], ctx["global_batch_size"], seed=0, epochs=plan.epochs)
+    paired = Paired(ctx)
     start = time.perf_counter()
     history = model.fit(
         dataset,
         epochs=plan.epochs,
         steps_per_epoch=ctx["steps_per_epoch"],
-        callbacks=[EpochTimer()],
+        callbacks=[EpochTimer(), *paired.callback()],
         verbose=0,
         shuffle=False,
     )
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - start - paired.seconds
     examples = ctx["steps_per_epoch"] * ctx["global_batch_size"]
     return {
         "windows": [examples / s for s in epoch_seconds[1:]],
+        **paired.results(),
         "wall_seconds": wall,
         "job_seconds": wall,
         "outside_epoch_seconds": (wall - sum(epoch_seconds)) / len(epoch_seconds),
@@ -361,7 +379,22 @@ def run_fit(ctx: dict[str, Any], steps_per_execution: int) -> dict[str, Any]:
 def run_bare(
     ctx: dict[str, Any], steps_per_execution: int, inputs: str, keras_ops: bool = False
 ) -> dict[str, Any]:
-    """A bare `tf.function` step (loss / global batch, gradients, our SGD; no Keras loop).
+    """Every window of a bare step (`build_bare`), each followed by a reference window."""
+    window = build_bare(ctx, steps_per_execution, inputs, keras_ops)
+    paired = Paired(ctx)
+    seconds = []
+    for epoch in range(ctx["plan"].epochs):
+        seconds.append(window(epoch))
+        paired.after_window()
+    examples = ctx["steps_per_epoch"] * ctx["global_batch_size"]
+    return {"windows": [examples / s for s in seconds[1:]], **paired.results()}
+
+
+def build_bare(
+    ctx: dict[str, Any], steps_per_execution: int, inputs: str, keras_ops: bool = False
+) -> Any:
+    """A bare `tf.function` step (loss / global batch, gradients, our SGD; no Keras loop):
+    returns ``window(epoch)``, which trains one epoch and returns its seconds.
 
     ``inputs``: ``"tensor"``, one epoch pre-batched in memory as [steps, batch, ...] (the
     ceiling); ``"pipeline"``, the Trainer's `make_dataset_fn` pipeline through
@@ -490,8 +523,55 @@ def run_bare(
         float(tf.add_n(results))  # host sync
         return time.perf_counter() - begin
 
-    seconds = [window(epoch) for epoch in range(plan.epochs)]
-    return {"windows": [steps * batch / s for s in seconds[1:]]}
+    return window
+
+
+class Paired:
+    """The reference (``bare_range`` on a model of its own) timed right after each window of a
+    method: in the same second, so the ratio window / reference cancels the host's drift.
+
+    A no-op unless ``ctx["reference"]`` holds a reference's ``window`` (``--paired``). Its
+    `callback` does the same from a Keras callback's ``on_epoch_end`` (the Trainer and
+    ``model.fit``); `seconds` is the time the references took (not the method's)."""
+
+    def __init__(self, ctx: dict[str, Any]) -> None:
+        self.window = ctx.get("reference")
+        self.examples = ctx["steps_per_epoch"] * ctx["global_batch_size"]
+        self.reference_windows: list[float] = []
+        self.seconds = 0.0
+
+    def after_window(self) -> None:
+        if self.window is not None:
+            start = time.perf_counter()
+            self.reference_windows.append(self.examples / self.window(0))
+            self.seconds += time.perf_counter() - start
+
+    def callback(self) -> list[Any]:
+        """``[callback]`` for ``callbacks=`` (nothing when not paired)."""
+        if self.window is None:
+            return []
+        import keras
+
+        paired = self
+
+        class AfterEpoch(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                paired.after_window()
+
+        return [AfterEpoch()]
+
+    def results(self) -> dict[str, Any]:
+        """``reference_windows`` (the first, after the dropped window, dropped too)."""
+        if self.window is None:
+            return {}
+        return {"reference_windows": self.reference_windows[1:]}
+
+
+def make_reference(ctx: dict[str, Any]) -> Any:
+    """``bare_range``'s ``window`` on a model of its own, traced and warmed up."""
+    window = build_bare(ctx, ctx["steps_per_execution"], "tensor")
+    window(0)
+    return window
 
 
 def run_method(ctx: dict[str, Any], method: str) -> dict[str, Any]:
@@ -543,7 +623,7 @@ def make_context(model: str, replicas: int, settings: dict[str, Any]) -> dict[st
     batch = settings["global_batch_size"]
     steps = steps_per_epoch(len(x), batch)
     k = settings["steps_per_execution"] or steps
-    return {
+    ctx = {
         "x": x,
         "y": y,
         "model_fn": model_fn(model, x.shape[1:]),
@@ -553,6 +633,9 @@ def make_context(model: str, replicas: int, settings: dict[str, Any]) -> dict[st
         "steps_per_epoch": steps,
         "steps_per_execution": min(k, steps),
     }
+    if settings.get("paired", False):
+        ctx["reference"] = make_reference(ctx)
+    return ctx
 
 
 def summarize(windows: list[float]) -> dict[str, Any]:
@@ -584,6 +667,14 @@ def run_group(model: str, replicas: int, settings: dict[str, Any]) -> dict[str, 
     for method in methods:
         windows = [w for run in runs[method] for w in run["windows"]]
         entry = summarize(windows)
+        pairs = [
+            w / r
+            for run in runs[method]
+            for w, r in zip(run["windows"], run.get("reference_windows", []))
+        ]
+        if pairs:  # the method's speed relative to the reference beside it
+            entry["paired_ratio"] = statistics.median(pairs)
+            entry["num_pairs"] = len(pairs)
         entry.update(memory[method])
         entry["steps_per_execution"] = steps_per_execution_of(method, ctx["steps_per_execution"])
         outside = [r["outside_epoch_seconds"] for r in runs[method] if "outside_epoch_seconds" in r]
@@ -654,6 +745,29 @@ def ratios(methods: dict[str, dict[str, Any]]) -> dict[str, float]:
             out[f"job {a}/{b}"] = job[b] / job[a]
     if "trainer" in eps and "trainer_noise" in eps:  # the share of speed the estimator costs
         out["noise_scale_cost"] = 1.0 - eps["trainer_noise"] / eps["trainer"]
+    out.update(paired_ratios(methods))
+    return out
+
+
+def paired_ratios(methods: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The ratios again from each method's ``paired_ratio`` (speed / the reference beside it):
+    host drift between the methods' runs cancels. ``bare_range``'s own is the A/A check (~1)."""
+    paired = {m: v["paired_ratio"] for m, v in methods.items() if "paired_ratio" in v}
+    bare = [paired[m] for m in ("bare_range", "bare_loop") if m in paired]
+    if bare:
+        paired["bare_best"] = max(bare)
+    pairs = [
+        ("trainer", "fit"),
+        ("trainer", "fit_spe1"),
+        ("trainer", "bare_best"),
+        ("trainer", "bare_keras"),
+        ("bare_keras", "bare_best"),
+    ]
+    out = {
+        f"paired {a}/{b}": paired[a] / paired[b] for a, b in pairs if a in paired and b in paired
+    }
+    if "trainer" in paired and "trainer_noise" in paired:
+        out["paired noise_scale_cost"] = 1.0 - paired["trainer_noise"] / paired["trainer"]
     return out
 
 
@@ -687,6 +801,7 @@ def settings_from_flags() -> dict[str, Any]:
         "epochs": FLAGS.epochs,
         "rounds": FLAGS.rounds,
         "isolate": FLAGS.isolate,
+        "paired": FLAGS.paired,
     }
     if FLAGS.quick:
         settings.update(models=["mlp"], epochs=3, rounds=1)
@@ -703,6 +818,7 @@ def worker_argv(settings: dict[str, Any]) -> list[str]:
         f"--steps_per_execution={settings['steps_per_execution']}",
         f"--epochs={settings['epochs']}",
         f"--rounds={settings['rounds']}",
+        f"--paired={settings['paired']}",
     ]
 
 
@@ -751,7 +867,7 @@ def table(groups: list[dict[str, Any]]) -> str:
     """One row per (model, replicas, method); ratios under each group."""
     lines = [
         f"{'model':5} {'rep':>3} {'method':13} {'K':>3} {'ex/s median':>12} {'min':>9} "
-        f"{'max':>9} {'n':>3} {'between ms':>10} {'wall ex/s':>10} {'job s':>6} "
+        f"{'max':>9} {'n':>3} {'/ref':>5} {'between ms':>10} {'wall ex/s':>10} {'job s':>6} "
         f"{'peak RSS MB':>11}"
     ]
     nan = float("nan")
@@ -763,7 +879,8 @@ def table(groups: list[dict[str, Any]]) -> str:
             outside = v.get("outside_epoch_seconds", nan) * 1e3
             lines.append(
                 f"{g['model']:5} {g['replicas']:>3} {method:13} {v['steps_per_execution']:>3} "
-                f"{eps:>12,.0f} {low:>9,.0f} {high:>9,.0f} {v['num_windows']:>3} {outside:>10.1f} "
+                f"{eps:>12,.0f} {low:>9,.0f} {high:>9,.0f} {v['num_windows']:>3} "
+                f"{v.get('paired_ratio', nan):>5.2f} {outside:>10.1f} "
                 f"{v.get('wall_examples_per_second', nan):>10,.0f} "
                 f"{v.get('job_seconds', nan):>6.2f} {v['peak_rss_mb']:>11,.0f}"
             )

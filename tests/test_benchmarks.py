@@ -48,6 +48,7 @@ def test_throughput_quick(tmp_path):
     assert len(result["machine"]["load_average"]) == 3
     settings = result["settings"]
     assert settings["models"] == ["mlp"] and settings["epochs"] == 3 and settings["rounds"] == 1
+    assert settings["paired"] is True
     groups = result["groups"]
     assert [(g["model"], g["replicas"]) for g in groups] == [("mlp", 1), ("mlp", 2)]
     for group in groups:
@@ -70,6 +71,11 @@ def test_throughput_quick(tmp_path):
             assert all(positive(w) for w in windows)
             assert entry["examples_per_second"] == statistics.median(windows)
             assert entry["min"] == min(windows) and entry["max"] == max(windows)
+            references = [r for run in entry["runs"] for r in run["reference_windows"]]
+            assert len(references) == 2 == entry["num_pairs"] and all(map(positive, references))
+            assert entry["paired_ratio"] == pytest.approx(
+                statistics.median(w / r for w, r in zip(windows, references))
+            )
             if name.startswith(("trainer", "fit")):
                 examples = STEPS_PER_EPOCH * 128
                 expected = examples / (
@@ -84,6 +90,13 @@ def test_throughput_quick(tmp_path):
         assert ratios["trainer/bare_best"] == pytest.approx(eps["trainer"] / best)
         assert ratios["bare_pipeline/bare_best"] == pytest.approx(eps["bare_pipeline"] / best)
         assert ratios["trainer/bare_keras"] == pytest.approx(eps["trainer"] / eps["bare_keras"])
+        paired = {name: entry.get("paired_ratio") for name, entry in methods.items()}
+        assert ratios["paired trainer/bare_best"] == pytest.approx(
+            paired["trainer"] / max(paired["bare_range"], paired["bare_loop"])
+        )
+        assert ratios["paired noise_scale_cost"] == pytest.approx(
+            1 - paired["trainer_noise"] / paired["trainer"]
+        )
         memory = group["tf_memory_info"]  # CPU allocator stats: often unavailable or partial
         assert "error" in memory or (memory["peak"] >= memory["current"] >= 0)
     assert "trainer/fit" in groups[0]["ratios"]  # 1 replica: model.fit with K > 1 works
