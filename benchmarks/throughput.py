@@ -22,17 +22,19 @@ rate):
                 compiled loss and ``accuracy`` metric (Keras's ops) instead of a hand-written
                 loss and hit count. trainer/bare_keras is the loop's own cost.
 
-K is ``--steps_per_execution`` (0, the default, means one whole epoch per call). Timing unit is
-the *window*: one epoch of steps. Every run trains ``--epochs`` windows, the first (which holds
-tracing and pipeline start-up) is dropped; ``--rounds`` rounds run the methods interleaved
-(A B C A B C ...) with fresh models so that load drifts hit every method alike; the figure is the
-median examples/second over all kept windows. The Trainer's windows are its own per-epoch
-``examples_per_second`` (time of the compiled calls of that epoch, host syncs included;
-checkpoints and history writes between epochs excluded), model.fit's are timed by a callback
-from ``on_epoch_begin`` to ``on_epoch_end`` (logs converted to floats, a host sync), the bare
-step's from the first call to a host sync after the last. The *whole job* (``job s``, ratio
-``job trainer/fit``) is the wall time of the ``trainer.fit(...)`` / ``model.fit(...)`` call
-itself: building, tracing, every epoch, the Trainer's checkpoints and JSON files, all of it.
+K is ``--steps_per_execution`` (0, the default, means one whole epoch per call). Timing unit is the
+*window*: one epoch of steps. Every run trains ``--epochs`` windows, the first (which holds tracing
+and pipeline start-up) is dropped; ``--rounds`` rounds run the methods interleaved (A B C A B C
+...) with fresh models so that load drifts hit every method alike; the figure is the median
+examples/second over all kept windows. The mlp's windows last ~3 ms, so its groups take
+``--mlp_epochs`` (40) and ``--mlp_rounds`` (5) instead: 195 windows a method rather than 33, at a
+few seconds' cost (``--quick`` and 0 use ``--epochs``/``--rounds``). The Trainer's windows are its
+own per-epoch ``examples_per_second`` (time of the compiled calls of that epoch, host syncs
+included; checkpoints and history writes between epochs excluded), model.fit's are timed by a
+callback from ``on_epoch_begin`` to ``on_epoch_end`` (logs converted to floats, a host sync), the
+bare step's from the first call to a host sync after the last. The *whole job* (``job s``, ratio
+``job trainer/fit``) is the wall time of the ``trainer.fit(...)`` / ``model.fit(...)`` call itself:
+building, tracing, every epoch, the Trainer's checkpoints and JSON files, all of it.
 ``noise_scale_cost`` is 1 − trainer_noise/trainer (median examples/second).
 
 Data: ``mlp`` trains on scikit-learn's digits (1,437 training images, 8×8×1); ``cnn`` on the
@@ -119,6 +121,10 @@ def define_flags() -> None:
         "paired", True, "Time the reference (bare_range) right after each window of every method."
     )
     flags.DEFINE_integer("epochs", 12, "Windows (epochs) per run; the first is warmup, dropped.")
+    flags.DEFINE_integer(
+        "mlp_epochs", 40, "--epochs for the mlp groups (its windows last ~3 ms); 0: --epochs."
+    )
+    flags.DEFINE_integer("mlp_rounds", 5, "--rounds for the mlp groups; 0: --rounds.")
 
 
 FLAGS = flags.FLAGS
@@ -648,8 +654,21 @@ def summarize(windows: list[float]) -> dict[str, Any]:
     }
 
 
+def group_settings(model: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with the mlp's own epochs and rounds (``mlp_epochs``, ``mlp_rounds``)."""
+    if model != "mlp":
+        return settings
+    epochs, rounds = settings.get("mlp_epochs") or 0, settings.get("mlp_rounds") or 0
+    return {
+        **settings,
+        "epochs": epochs or settings["epochs"],
+        "rounds": rounds or settings["rounds"],
+    }
+
+
 def run_group(model: str, replicas: int, settings: dict[str, Any]) -> dict[str, Any]:
     """All methods of one (model, replicas) group, interleaved over rounds."""
+    settings = group_settings(model, settings)
     ctx = make_context(model, replicas, settings)
     methods = settings["methods"]
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
@@ -705,6 +724,8 @@ def run_group(model: str, replicas: int, settings: dict[str, Any]) -> dict[str, 
         "global_batch_size": ctx["global_batch_size"],
         "steps_per_epoch": ctx["steps_per_epoch"],
         "steps_per_execution": ctx["steps_per_execution"],
+        "epochs": settings["epochs"],
+        "rounds": settings["rounds"],
         "methods": results,
         "ratios": ratios(results),
         "steal_fraction": steal_fraction(group_start, cpu_times()),
@@ -800,13 +821,16 @@ def settings_from_flags() -> dict[str, Any]:
         "steps_per_execution": FLAGS.steps_per_execution,
         "epochs": FLAGS.epochs,
         "rounds": FLAGS.rounds,
+        "mlp_epochs": FLAGS.mlp_epochs,
+        "mlp_rounds": FLAGS.mlp_rounds,
         "isolate": FLAGS.isolate,
         "paired": FLAGS.paired,
     }
     if FLAGS.quick:
-        settings.update(models=["mlp"], epochs=3, rounds=1)
-    if settings["epochs"] < 2:
-        raise ValueError(f"Flag --epochs must be >= 2. Received: {settings['epochs']}")
+        settings.update(models=["mlp"], epochs=3, rounds=1, mlp_epochs=0, mlp_rounds=0)
+    for name in ("epochs", "mlp_epochs"):
+        if settings[name] < 2 and not (name == "mlp_epochs" and settings[name] == 0):
+            raise ValueError(f"Flag --{name} must be >= 2. Received: {settings[name]}")
     return settings
 
 
@@ -818,6 +842,8 @@ def worker_argv(settings: dict[str, Any]) -> list[str]:
         f"--steps_per_execution={settings['steps_per_execution']}",
         f"--epochs={settings['epochs']}",
         f"--rounds={settings['rounds']}",
+        f"--mlp_epochs={settings['mlp_epochs']}",
+        f"--mlp_rounds={settings['mlp_rounds']}",
         f"--paired={settings['paired']}",
     ]
 
