@@ -190,6 +190,9 @@ def test_presets_state_their_figures():
     assert all(link.source for link in INTERCONNECTS.values())
     with pytest.raises(ValueError, match="`bandwidth_bytes_per_second`"):
         Link(0.0, 1e-6)
+    with pytest.raises(KeyError, match="'ethernet_10g'. Presets: nvlink_p100, .*10gbe"):
+        INTERCONNECTS["ethernet_10g"]
+    assert INTERCONNECTS.get("ethernet_10g") is None and "10gbe" in INTERCONNECTS
 
 
 @pytest.mark.parametrize(

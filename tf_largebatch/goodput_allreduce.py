@@ -49,21 +49,34 @@ class Link:
         check_non_negative("latency_seconds", self.latency_seconds)
 
 
+class _Presets(dict):
+    """A dict whose missing key names the presets there are."""
+
+    def __missing__(self, key: str) -> Link:
+        raise KeyError(f"No interconnect preset {key!r}. Presets: {', '.join(self)}")
+
+
 _ETH = "IEEE 802.3 line rate / 8; latency: typical TCP over a switched LAN (assumption)"
 # Line rates in one direction; real collectives reach less (protocol overhead, congestion).
-INTERCONNECTS: dict[str, Link] = {
-    "nvlink_p100": Link(20e9, 5e-6, "NVIDIA Tesla P100 whitepaper: NVLink 1.0, 20 GB/s per link"),
-    "nvlink_v100": Link(25e9, 5e-6, "NVIDIA Tesla V100 whitepaper: NVLink 2.0, 25 GB/s per link"),
-    "nvlink_a100": Link(300e9, 5e-6, "NVIDIA A100 datasheet: NVLink 3, 600 GB/s bidirectional"),
-    "pcie3_x16": Link(15.75e9, 5e-6, "PCI-SIG: PCIe 3.0, 8 GT/s x 16 lanes, 128b/130b"),
-    "pcie4_x16": Link(31.5e9, 5e-6, "PCI-SIG: PCIe 4.0, 16 GT/s x 16 lanes, 128b/130b"),
-    "10gbe": Link(10e9 / 8, 10e-6, _ETH),
-    "25gbe": Link(25e9 / 8, 10e-6, _ETH),
-    "50gbe": Link(50e9 / 8, 10e-6, _ETH),
-    "100gbe": Link(100e9 / 8, 10e-6, _ETH),
-    "ib_edr": Link(100e9 / 8, 1e-6, "InfiniBand EDR 4x: 100 Gb/s; ~1 us MPI latency"),
-    "ib_hdr": Link(200e9 / 8, 1e-6, "InfiniBand HDR 4x: 200 Gb/s; ~1 us MPI latency"),
-}
+INTERCONNECTS: dict[str, Link] = _Presets(
+    {
+        "nvlink_p100": Link(
+            20e9, 5e-6, "NVIDIA Tesla P100 whitepaper: NVLink 1.0, 20 GB/s per link"
+        ),
+        "nvlink_v100": Link(
+            25e9, 5e-6, "NVIDIA Tesla V100 whitepaper: NVLink 2.0, 25 GB/s per link"
+        ),
+        "nvlink_a100": Link(300e9, 5e-6, "NVIDIA A100 datasheet: NVLink 3, 600 GB/s bidirectional"),
+        "pcie3_x16": Link(15.75e9, 5e-6, "PCI-SIG: PCIe 3.0, 8 GT/s x 16 lanes, 128b/130b"),
+        "pcie4_x16": Link(31.5e9, 5e-6, "PCI-SIG: PCIe 4.0, 16 GT/s x 16 lanes, 128b/130b"),
+        "10gbe": Link(10e9 / 8, 10e-6, _ETH),
+        "25gbe": Link(25e9 / 8, 10e-6, _ETH),
+        "50gbe": Link(50e9 / 8, 10e-6, _ETH),
+        "100gbe": Link(100e9 / 8, 10e-6, _ETH),
+        "ib_edr": Link(100e9 / 8, 1e-6, "InfiniBand EDR 4x: 100 Gb/s; ~1 us MPI latency"),
+        "ib_hdr": Link(200e9 / 8, 1e-6, "InfiniBand HDR 4x: 200 Gb/s; ~1 us MPI latency"),
+    }
+)
 
 
 def gradient_bytes(num_parameters: int, bytes_per_parameter: int = 4) -> int:
