@@ -734,24 +734,41 @@ def run_group(model: str, replicas: int, settings: dict[str, Any]) -> dict[str, 
     }
 
 
-def ratios(methods: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Ratios of median examples/second (the issue's targets first), same process and run."""
-    eps = {m: v["examples_per_second"] for m, v in methods.items() if v["num_windows"]}
-    bare = [eps[m] for m in ("bare_range", "bare_loop") if m in eps]
+RATIO_PAIRS = (
+    ("trainer", "fit"),
+    ("trainer", "fit_spe1"),
+    ("trainer", "bare_best"),
+    ("trainer", "bare_keras"),
+    ("bare_keras", "bare_best"),
+    ("trainer_spe1", "fit_spe1"),
+    ("trainer", "bare_pipeline"),
+    ("bare_pipeline", "bare_best"),
+    ("bare_gather", "bare_best"),
+)
+
+
+def speed_ratios(speeds: dict[str, float], pairs: Any, prefix: str = "") -> dict[str, float]:
+    """``a/b`` of `speeds` for each pair present (``bare_best``: the faster of ``bare_range``
+    and ``bare_loop``) and ``noise_scale_cost`` = 1 − trainer_noise/trainer."""
+    speeds = dict(speeds)
+    bare = [speeds[m] for m in ("bare_range", "bare_loop") if m in speeds]
     if bare:
-        eps["bare_best"] = max(bare)
-    pairs = [
-        ("trainer", "fit"),
-        ("trainer", "fit_spe1"),
-        ("trainer", "bare_best"),
-        ("trainer", "bare_keras"),
-        ("bare_keras", "bare_best"),
-        ("trainer_spe1", "fit_spe1"),
-        ("trainer", "bare_pipeline"),
-        ("bare_pipeline", "bare_best"),
-        ("bare_gather", "bare_best"),
-    ]
-    out = {f"{a}/{b}": eps[a] / eps[b] for a, b in pairs if a in eps and b in eps}
+        speeds["bare_best"] = max(bare)
+    out = {
+        f"{prefix}{a}/{b}": speeds[a] / speeds[b] for a, b in pairs if a in speeds and b in speeds
+    }
+    if "trainer" in speeds and "trainer_noise" in speeds:  # the share of speed the estimator costs
+        out[f"{prefix}noise_scale_cost"] = 1.0 - speeds["trainer_noise"] / speeds["trainer"]
+    return out
+
+
+def ratios(methods: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Ratios of median examples/second (the issue's targets first), same process and run; then
+    the whole job's and, with ``--paired``, the same ratios of the ``paired_ratio`` figures
+    (speed / the reference beside it: host drift between the methods' runs cancels;
+    ``bare_range``'s own is the A/A check, ~1)."""
+    eps = {m: v["examples_per_second"] for m, v in methods.items() if v["num_windows"]}
+    out = speed_ratios(eps, RATIO_PAIRS)
     wall = {
         m: v["wall_examples_per_second"]
         for m, v in methods.items()
@@ -764,31 +781,8 @@ def ratios(methods: dict[str, dict[str, Any]]) -> dict[str, float]:
     for a, b in (("trainer", "fit"), ("trainer", "fit_spe1")):
         if a in job and b in job:  # speed of the whole job: b's seconds over a's
             out[f"job {a}/{b}"] = job[b] / job[a]
-    if "trainer" in eps and "trainer_noise" in eps:  # the share of speed the estimator costs
-        out["noise_scale_cost"] = 1.0 - eps["trainer_noise"] / eps["trainer"]
-    out.update(paired_ratios(methods))
-    return out
-
-
-def paired_ratios(methods: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The ratios again from each method's ``paired_ratio`` (speed / the reference beside it):
-    host drift between the methods' runs cancels. ``bare_range``'s own is the A/A check (~1)."""
     paired = {m: v["paired_ratio"] for m, v in methods.items() if "paired_ratio" in v}
-    bare = [paired[m] for m in ("bare_range", "bare_loop") if m in paired]
-    if bare:
-        paired["bare_best"] = max(bare)
-    pairs = [
-        ("trainer", "fit"),
-        ("trainer", "fit_spe1"),
-        ("trainer", "bare_best"),
-        ("trainer", "bare_keras"),
-        ("bare_keras", "bare_best"),
-    ]
-    out = {
-        f"paired {a}/{b}": paired[a] / paired[b] for a, b in pairs if a in paired and b in paired
-    }
-    if "trainer" in paired and "trainer_noise" in paired:
-        out["paired noise_scale_cost"] = 1.0 - paired["trainer_noise"] / paired["trainer"]
+    out.update(speed_ratios(paired, RATIO_PAIRS[:5], prefix="paired "))
     return out
 
 
