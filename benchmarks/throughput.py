@@ -658,11 +658,10 @@ def group_settings(model: str, settings: dict[str, Any]) -> dict[str, Any]:
     """`settings` with the mlp's own epochs and rounds (``mlp_epochs``, ``mlp_rounds``)."""
     if model != "mlp":
         return settings
-    epochs, rounds = settings.get("mlp_epochs") or 0, settings.get("mlp_rounds") or 0
     return {
         **settings,
-        "epochs": epochs or settings["epochs"],
-        "rounds": rounds or settings["rounds"],
+        "epochs": settings.get("mlp_epochs") or settings["epochs"],
+        "rounds": settings.get("mlp_rounds") or settings["rounds"],
     }
 
 
@@ -822,9 +821,16 @@ def settings_from_flags() -> dict[str, Any]:
     }
     if FLAGS.quick:
         settings.update(models=["mlp"], epochs=3, rounds=1, mlp_epochs=0, mlp_rounds=0)
-    for name in ("epochs", "mlp_epochs"):
-        if settings[name] < 2 and not (name == "mlp_epochs" and settings[name] == 0):
-            raise ValueError(f"Flag --{name} must be >= 2. Received: {settings[name]}")
+    if settings["epochs"] < 2 or settings["mlp_epochs"] < 0 or settings["mlp_epochs"] == 1:
+        raise ValueError(
+            "Flags --epochs and --mlp_epochs (0: --epochs) must be >= 2. Received: "
+            f"{settings['epochs']}, {settings['mlp_epochs']}"
+        )
+    if settings["rounds"] < 1 or settings["mlp_rounds"] < 0:
+        raise ValueError(
+            "Flags --rounds and --mlp_rounds (0: --rounds) must be >= 1. Received: "
+            f"{settings['rounds']}, {settings['mlp_rounds']}"
+        )
     return settings
 
 

@@ -223,7 +223,7 @@ def test_step_seconds_hand_values():
     assert step_seconds(t, overlapped, 2, 1e7) == pytest.approx(0.011 + 0.01 - 2 / 3 * 0.011)
     assert goodput.examples_per_second(t, cluster, 64, 1e7) == pytest.approx(64 / 0.052)
     # a batch that does not split over 2 replicas x 2 micro-batches is refused, not rounded
-    with pytest.raises(ValueError, match="2 replicas x 2 accumulation.*global_batch_size=66"):
+    with pytest.raises(ValueError, match="by 2 replicas x 2 steps. Received: global_batch_size=66"):
         step_seconds(t, cluster, 66, 1e7, 2)
     with pytest.raises(ValueError, match="global_batch_size=63"):
         goodput.examples_per_second(t, cluster, 63, 1e7)

@@ -207,11 +207,8 @@ def step_seconds(
     check_positive_int("global_batch_size", global_batch_size)
     check_positive_int("accumulation_steps", accumulation_steps)
     if global_batch_size % (cluster.num_replicas * accumulation_steps):
-        raise ValueError(
-            "Argument `global_batch_size` must split evenly into "
-            f"{cluster.num_replicas} replicas x {accumulation_steps} accumulation steps. "
-            f"Received: global_batch_size={global_batch_size}"
-        )
+        requirement = f"divisible by {cluster.num_replicas} replicas x {accumulation_steps} steps"
+        _fail("global_batch_size", requirement, global_batch_size)
     micro = global_batch_size / (cluster.num_replicas * accumulation_steps)
     compute = cluster.compute_sharing * step_time(micro)
     comm = cluster.allreduce_seconds(num_bytes)
